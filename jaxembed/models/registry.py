@@ -1,0 +1,73 @@
+"""Backbones by name, and the one function that builds the t-SimCNE model from a config."""
+
+from typing import Any, Callable, Dict
+
+from jaxembed.models import heads
+from jaxembed.models import resnet
+
+# name -> constructor(**kw) returning a module whose __call__(x, train) gives (B, D) float32.
+BACKBONES: Dict[str, Callable[..., Any]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet_tiny": resnet.resnet_tiny,
+}
+
+# Input size each backbone was designed for (benchmarks; the models accept any size).
+NATURAL_IMAGE_SIZE: Dict[str, int] = {
+    "resnet18": 224, "resnet34": 224, "resnet50": 224, "resnet_tiny": 32,
+}
+
+
+def create_backbone(name: str, **kw) -> Any:
+  """Builds the backbone ``name`` (a key of ``BACKBONES``).
+
+  Args:
+    name: e.g. "resnet18", "resnet50", "efficientnet_b3", "resnet_tiny".
+    **kw: options of that family: ``stem`` ("cifar" | "imagenet"), ``width_multiplier``,
+      ``stage_sizes``, ``widths``, ``dtype`` ("float32" | "bfloat16"); keys whose value is None
+      are ignored (the preset's value is kept).
+
+  Returns:
+    An unbound Flax module; ``module.apply(variables, x, train=...)`` maps NHWC float images to
+    (B, D) float32 features.
+  """
+  if name not in BACKBONES:
+    raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+  kw = {k: v for k, v in kw.items() if v is not None}
+  try:
+    return BACKBONES[name](**kw)
+  except TypeError as e:
+    raise TypeError(f"bad option for backbone {name!r}: {e}") from e
+
+
+def backbone_kwargs(model_config) -> Dict[str, Any]:
+  """The backbone options of ``config.model`` (fields left at None keep the preset's value)."""
+  get = lambda field: getattr(model_config, field, None)  # noqa: E731
+  kw = {"stem": get("stem"), "width_multiplier": get("width_multiplier"),
+        "stage_sizes": get("stage_sizes"), "widths": get("widths"), "dtype": get("dtype")}
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if v is not None}
+
+
+def create_model(model_config, head_dim: int = 128) -> heads.TSimCNEModel:
+  """Backbone + projector described by ``config.model`` (see configs/common.py).
+
+  Args:
+    model_config: ``config.model`` (fields name, stem, width_multiplier, stage_sizes, widths,
+      hidden_dim, dtype, input_mean, input_std).
+    head_dim: output dimension of the projector (128 in stage 1, 2 afterwards).
+
+  Returns:
+    A ``TSimCNEModel``; ``apply(variables, x, train)`` returns
+    ``{"features", "hidden", "z"}``, all float32.
+  """
+  name = getattr(model_config, "name", None)
+  if name is None:
+    raise ValueError("config.model.name is not set; use one of " + str(sorted(BACKBONES)))
+  backbone = create_backbone(name, **backbone_kwargs(model_config))
+  hidden_dim = int(getattr(model_config, "hidden_dim", None) or 1024)
+  mean, std = getattr(model_config, "input_mean", None), getattr(model_config, "input_std", None)
+  return heads.TSimCNEModel(
+      backbone=backbone, hidden_dim=hidden_dim, head_dim=int(head_dim),
+      input_mean=None if mean is None else tuple(float(m) for m in mean),
+      input_std=None if std is None else tuple(float(s) for s in std))
