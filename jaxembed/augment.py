@@ -1,0 +1,650 @@
+"""On-device image augmentation for contrastive training: pure, jit-able, vmapped.
+
+Every op is a pure function of (key, image). :func:`augment_batch` splits one
+key per image and vmaps :func:`augment_image` over the batch, so no Python runs
+per image and every random parameter of an image comes from that image's key.
+
+Pipeline of one view (the order of the reference's torchvision transforms):
+
+1. Geometry, composed into **one** affine map and sampled once (bilinear):
+   rot90 by a random multiple, rotation by a uniform angle, random resized crop
+   to the input size, horizontal flip, vertical flip. Pixels that fall outside
+   the image take the fill: ``constant`` / ``border_mean`` (the colour in
+   ``fill_value``) or ``reflect`` (half-sample symmetric, like
+   ``scipy.ndimage`` mode ``reflect``).
+2. Colour jitter (brightness, contrast, saturation, hue) in a random order per
+   image, the whole jitter applied with probability ``jitter_p``.
+3. Random grayscale (ITU-R 601 weights 0.299/0.587/0.114).
+4. Optional Gaussian blur (separable, reflect padding) and solarisation.
+
+Semantics follow torchvision (``RandomResizedCrop``, ``ColorJitter``,
+``RandomGrayscale``, ``RandomRotation``, ``GaussianBlur``, ``RandomSolarize``).
+Deliberate differences (see also docs/augment.md):
+
+* Geometric ops are composed and interpolated once (bilinear) instead of
+  resampling after each op; torchvision's ``RandomRotation`` defaults to
+  nearest-neighbour, here rotation is bilinear like the crop.
+* Pixels are float32 in [0, 1] throughout; torchvision on PIL images rounds to
+  uint8 after every op.
+* ``rot90``: when applied (probability ``rot90_p``) the multiple k is uniform in
+  {1, 2, 3}, so ``rot90_p`` is the probability that the image is turned.
+* Gaussian blur's kernel is truncated at 3 sigma of ``blur_sigma``'s upper
+  end (torchvision takes an explicit kernel size).
+"""
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Every configuration field (configs/common.py, ``config.aug``) and its value
+# in each preset. ``tsimcne`` is the reference default (Böhm et al., ICLR 2023,
+# package ``tsimcne``): RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3),
+# horizontal flip p=0.5, ColorJitter(.4, .4, .4, .1) p=0.8, grayscale p=0.2, no
+# blur. ``medical`` is the 28x28 medical variant: rot90 p=0.5, rotation +-45
+# degrees filled with the data's mean border colour, the same crop, horizontal
+# and vertical flips, jitter and grayscale. ``none`` is the identity (export).
+_TSIMCNE = dict(
+    crop_p=1.0,
+    crop_scale=(0.2, 1.0),
+    crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+    hflip_p=0.5,
+    vflip_p=0.0,
+    rot90_p=0.0,
+    rotate_p=0.0,
+    rotate_degrees=0.0,
+    fill="constant",
+    fill_value=None,
+    jitter_p=0.8,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.4,
+    hue=0.1,
+    grayscale_p=0.2,
+    blur_p=0.0,
+    blur_sigma=(0.1, 2.0),
+    solarize_p=0.0,
+    solarize_threshold=0.5,
+)
+PRESETS = {
+    "tsimcne": dict(_TSIMCNE),
+    "medical": dict(
+        _TSIMCNE,
+        vflip_p=0.5,
+        rot90_p=0.5,
+        rotate_p=1.0,
+        rotate_degrees=45.0,
+        fill="border_mean",
+    ),
+    "none": dict(
+        _TSIMCNE,
+        crop_p=0.0,
+        hflip_p=0.0,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+    ),
+}
+FIELDS = tuple(_TSIMCNE)
+FILLS = ("constant", "border_mean", "reflect")
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+# ------------------------------------------------------------------ config
+
+
+def _as_dict(aug_config) -> dict:
+  if aug_config is None:
+    return {}
+  if hasattr(aug_config, "to_dict"):  # ml_collections.ConfigDict
+    return dict(aug_config.to_dict())
+  if isinstance(aug_config, Mapping):
+    return dict(aug_config)
+  raise TypeError(
+      f"aug_config must be a ConfigDict or a dict of augmentation fields, got "
+      f"{type(aug_config).__name__}")
+
+
+def _prob(name, v):
+  v = float(v)
+  if not 0.0 <= v <= 1.0:
+    raise ValueError(f"aug.{name} must be a probability in [0, 1], got {v}")
+  return v
+
+
+def _nonneg(name, v):
+  v = float(v)
+  if not (v >= 0.0 and math.isfinite(v)):
+    raise ValueError(f"aug.{name} must be a finite number >= 0, got {v}")
+  return v
+
+
+def _pair(name, v, low, high, low_open=False):
+  try:
+    a, b = (float(x) for x in v)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"aug.{name} must be a pair (min, max) of numbers, got {v!r}") from None
+  ok_low = a > low if low_open else a >= low
+  if not (ok_low and a <= b <= high):
+    lo_s = f"> {low}" if low_open else f">= {low}"
+    raise ValueError(
+        f"aug.{name} must satisfy min {lo_s}, min <= max <= {high}; got {v!r}")
+  return (a, b)
+
+
+def resolve(aug_config) -> dict:
+  """The full augmentation settings: a preset with field-by-field overrides.
+
+  Args:
+    aug_config: ``config.aug`` (an ``ml_collections.ConfigDict``), a plain dict
+      of the same fields, or the dict this function returned. ``preset``
+      (default ``"tsimcne"``) picks the base values; every other field that is
+      not None overrides the preset's value.
+
+  Returns:
+    A dict with ``preset`` and every field of :data:`FIELDS`, as plain Python
+    values (tuples for pairs), safe to close over in a jitted function.
+
+  Raises:
+    ValueError: unknown preset or field, or a value out of range.
+    TypeError: ``aug_config`` is not a mapping.
+  """
+  given = _as_dict(aug_config)
+  preset = given.pop("preset", None) or "tsimcne"
+  if preset not in PRESETS:
+    raise ValueError(
+        f"unknown augmentation preset {preset!r}; choose one of {sorted(PRESETS)}")
+  unknown = sorted(set(given) - set(FIELDS))
+  if unknown:
+    raise ValueError(
+        f"unknown augmentation field(s) {unknown}; known fields: {list(FIELDS)}")
+  cfg = dict(PRESETS[preset])
+  cfg.update({k: v for k, v in given.items() if v is not None})
+
+  out = {"preset": preset}
+  for name in ("crop_p", "hflip_p", "vflip_p", "rot90_p", "rotate_p",
+               "jitter_p", "grayscale_p", "blur_p", "solarize_p",
+               "solarize_threshold"):
+    out[name] = _prob(name, cfg[name])
+  out["crop_scale"] = _pair("crop_scale", cfg["crop_scale"], 0.0, 1.0,
+                            low_open=True)
+  out["crop_ratio"] = _pair("crop_ratio", cfg["crop_ratio"], 0.0, math.inf,
+                            low_open=True)
+  for name in ("rotate_degrees", "brightness", "contrast", "saturation"):
+    out[name] = _nonneg(name, cfg[name])
+  hue = float(cfg["hue"])
+  if not 0.0 <= hue <= 0.5:
+    raise ValueError(f"aug.hue must be in [0, 0.5] (as torchvision), got {hue}")
+  out["hue"] = hue
+  out["blur_sigma"] = _pair("blur_sigma", cfg["blur_sigma"], 0.0, 1e3,
+                            low_open=True)
+  fill = str(cfg["fill"])
+  if fill not in FILLS:
+    raise ValueError(f"aug.fill must be one of {FILLS}, got {fill!r}")
+  out["fill"] = fill
+  fv = cfg["fill_value"]
+  if fv is not None:
+    if np.ndim(fv) == 0:
+      fv = (fv,)
+    fv = tuple(float(x) for x in fv)
+    if len(fv) not in (1, 3) or not all(0.0 <= x <= 1.0 for x in fv):
+      raise ValueError(
+          f"aug.fill_value must be 1 or 3 numbers in [0, 1] (one per channel), "
+          f"got {cfg['fill_value']!r}")
+  out["fill_value"] = fv
+  return out
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _rotation_inverse(theta, cx, cy):
+  """3x3 map from output to input pixel coordinates for a rotation by theta.
+
+  Positive theta turns the content counter-clockwise on screen (y points
+  down), as torchvision and ``np.rot90``.
+  """
+  c, s = jnp.cos(theta), jnp.sin(theta)
+  # input = R(-theta) (out - centre) + centre, in y-down coordinates.
+  return jnp.array([
+      [c, -s, cx - c * cx + s * cy],
+      [s, c, cy - s * cx - c * cy],
+      [0.0, 0.0, 1.0],
+  ])
+
+
+def sample_crop(key, height, width, scale, ratio):
+  """Crop box (top, left, h, w) as torchvision's RandomResizedCrop.get_params.
+
+  Ten attempts of area ~ U(scale) * H * W and log-uniform aspect ratio; the
+  first one that fits is taken (position uniform over the valid offsets),
+  otherwise the centre crop clamped to the ratio range. All vectorised, so it
+  runs under jit and vmap. Returns int32 scalars.
+  """
+  k_area, k_ratio, k_i, k_j = jax.random.split(key, 4)
+  area = float(height * width)
+  log_r = (math.log(ratio[0]), math.log(ratio[1]))
+  target = area * jax.random.uniform(k_area, (10,), minval=scale[0],
+                                     maxval=scale[1])
+  aspect = jnp.exp(jax.random.uniform(k_ratio, (10,), minval=log_r[0],
+                                      maxval=log_r[1]))
+  # Python's round() is half-to-even, like jnp.round.
+  w = jnp.round(jnp.sqrt(target * aspect)).astype(jnp.int32)
+  h = jnp.round(jnp.sqrt(target / aspect)).astype(jnp.int32)
+  ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  first = jnp.argmax(ok)
+  any_ok = jnp.any(ok)
+
+  # Fallback: whole image, cut to the nearest allowed aspect ratio.
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    fw, fh = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    fw, fh = int(round(height * max(ratio))), height
+  else:
+    fw, fh = width, height
+
+  hh = jnp.where(any_ok, h[first], fh)
+  ww = jnp.where(any_ok, w[first], fw)
+  # randint(0, H - h + 1) in torchvision: uniform over the valid offsets.
+  top = jnp.floor(jax.random.uniform(k_i) * (height - hh + 1)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_j) * (width - ww + 1)).astype(jnp.int32)
+  top = jnp.where(any_ok, jnp.minimum(top, height - hh), (height - fh) // 2)
+  left = jnp.where(any_ok, jnp.minimum(left, width - ww), (width - fw) // 2)
+  return top, left, hh, ww
+
+
+def sample_geometry(key, height, width, cfg):
+  """The one affine map (3x3, output -> input pixel coordinates) of a view.
+
+  Forward order: rot90, rotation, random resized crop, hflip, vflip. The map
+  sends an output pixel centre (x, y) to the input location it samples.
+  """
+  k90, k90p, krot, krotp, kcrop, kcropp, kh, kv = jax.random.split(key, 8)
+  cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+  eye = jnp.eye(3)
+  mats = []
+  theta = jnp.zeros(())
+  if cfg["rot90_p"] > 0:
+    k = jax.random.randint(k90, (), 1, 4)
+    k = jnp.where(jax.random.uniform(k90p) < cfg["rot90_p"], k, 0)
+    theta = theta + k.astype(jnp.float32) * (jnp.pi / 2)
+  if cfg["rotate_p"] > 0 and cfg["rotate_degrees"] > 0:
+    deg = cfg["rotate_degrees"]
+    a = jax.random.uniform(krot, minval=-deg, maxval=deg)
+    a = jnp.where(jax.random.uniform(krotp) < cfg["rotate_p"], a, 0.0)
+    theta = theta + jnp.deg2rad(a)
+  if cfg["rot90_p"] > 0 or (cfg["rotate_p"] > 0 and cfg["rotate_degrees"] > 0):
+    mats.append(_rotation_inverse(theta, cx, cy))
+  if cfg["crop_p"] > 0:
+    top, left, h, w = sample_crop(kcrop, height, width, cfg["crop_scale"],
+                                  cfg["crop_ratio"])
+    apply = jax.random.uniform(kcropp) < cfg["crop_p"]
+    top = jnp.where(apply, top, 0).astype(jnp.float32)
+    left = jnp.where(apply, left, 0).astype(jnp.float32)
+    h = jnp.where(apply, h, height).astype(jnp.float32)
+    w = jnp.where(apply, w, width).astype(jnp.float32)
+    # Resize with pixel centres aligned (align_corners=False, as torchvision):
+    # x_in = left + (x_out + 0.5) * w / W - 0.5.
+    sx, sy = w / width, h / height
+    mats.append(jnp.array([
+        [sx, 0.0, left + 0.5 * sx - 0.5],
+        [0.0, sy, top + 0.5 * sy - 0.5],
+        [0.0, 0.0, 1.0],
+    ]))
+  if cfg["hflip_p"] > 0:
+    f = jax.random.uniform(kh) < cfg["hflip_p"]
+    mats.append(jnp.where(f, jnp.array([[-1.0, 0, width - 1.0], [0, 1, 0],
+                                        [0, 0, 1]]), eye))
+  if cfg["vflip_p"] > 0:
+    f = jax.random.uniform(kv) < cfg["vflip_p"]
+    mats.append(jnp.where(f, jnp.array([[1.0, 0, 0], [0, -1, height - 1.0],
+                                        [0, 0, 1]]), eye))
+  m = eye
+  for a in mats:  # input <- op1 <- op2 <- ... <- output
+    m = m @ a
+  return m
+
+
+def _reflect_coord(x, n):
+  """Half-sample symmetric reflection of a coordinate into [-0.5, n - 0.5]."""
+  period = 2.0 * n
+  y = jnp.mod(x + 0.5, period)
+  y = jnp.where(y >= n, period - y, y) - 0.5
+  # Within half a pixel of the edge the reflected image is flat, so clamping
+  # gives the same bilinear value and keeps both neighbours inside.
+  return jnp.clip(y, 0.0, n - 1.0)
+
+
+def warp_affine(image, matrix, fill, fill_value, axis_aligned=False):
+  """Samples ``image`` (H, W, C float) at ``matrix @ (x, y, 1)`` bilinearly.
+
+  Args:
+    image: (H, W, C) float32.
+    matrix: (3, 3) map from output to input pixel coordinates.
+    fill: ``constant`` / ``border_mean`` (neighbours outside the image take
+      ``fill_value``) or ``reflect``.
+    fill_value: (C,) colour for points outside the image.
+    axis_aligned: the matrix has no rotation (static); then the warp is done
+      as two small matrix products, much cheaper than a gather.
+
+  Returns:
+    (H, W, C) float32.
+  """
+  height, width, _ = image.shape
+  reflect = fill == "reflect"
+  if axis_aligned:
+    ys = matrix[1, 1] * jnp.arange(height, dtype=jnp.float32) + matrix[1, 2]
+    xs = matrix[0, 0] * jnp.arange(width, dtype=jnp.float32) + matrix[0, 2]
+    if reflect:
+      ys, xs = _reflect_coord(ys, height), _reflect_coord(xs, width)
+    # Bilinear weights as a tent: w[o, k] = max(0, 1 - |s_o - k|).
+    wy = jnp.maximum(0.0, 1.0 - jnp.abs(ys[:, None] - jnp.arange(height)))
+    wx = jnp.maximum(0.0, 1.0 - jnp.abs(xs[:, None] - jnp.arange(width)))
+    out = jnp.einsum("oh,hwc,pw->opc", wy, image, wx,
+                     precision=jax.lax.Precision.HIGHEST)
+    if not reflect:
+      inside = wy.sum(1)[:, None, None] * wx.sum(1)[None, :, None]
+      out = out + (1.0 - inside) * fill_value
+    return out
+
+  yy, xx = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
+                        jnp.arange(width, dtype=jnp.float32), indexing="ij")
+  sx = matrix[0, 0] * xx + matrix[0, 1] * yy + matrix[0, 2]
+  sy = matrix[1, 0] * xx + matrix[1, 1] * yy + matrix[1, 2]
+  if reflect:
+    sx, sy = _reflect_coord(sx, width), _reflect_coord(sy, height)
+  x0, y0 = jnp.floor(sx), jnp.floor(sy)
+  fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+
+  def tap(y, x):
+    inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    v = image[jnp.clip(y, 0, height - 1), jnp.clip(x, 0, width - 1)]
+    return jnp.where(inside[..., None], v, fill_value)
+
+  return ((1 - fy) * ((1 - fx) * tap(y0, x0) + fx * tap(y0, x0 + 1)) +
+          fy * ((1 - fx) * tap(y0 + 1, x0) + fx * tap(y0 + 1, x0 + 1)))
+
+
+# ------------------------------------------------------------------ colour
+
+
+def rgb_to_gray(image):
+  """(H, W, 3) -> (H, W, 1) luma with ITU-R 601 weights; (H, W, 1) unchanged."""
+  if image.shape[-1] == 1:
+    return image
+  w = jnp.asarray(_GRAY_WEIGHTS, image.dtype)
+  return jnp.sum(image * w, axis=-1, keepdims=True)
+
+
+def _blend(image, other, factor):
+  """torchvision's _blend: clip(factor * image + (1 - factor) * other)."""
+  return jnp.clip(factor * image + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def adjust_brightness(image, factor):
+  return _blend(image, 0.0, factor)
+
+
+def adjust_contrast(image, factor):
+  # Blended with the mean of the grayscale image (torchvision).
+  return _blend(image, jnp.mean(rgb_to_gray(image)), factor)
+
+
+def adjust_saturation(image, factor):
+  if image.shape[-1] == 1:  # torchvision leaves 1-channel images alone
+    return image
+  return _blend(image, rgb_to_gray(image), factor)
+
+
+def rgb_to_hsv(image):
+  """(..., 3) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a turn)."""
+  r, g, b = image[..., 0], image[..., 1], image[..., 2]
+  maxc = jnp.max(image, axis=-1)
+  minc = jnp.min(image, axis=-1)
+  delta = maxc - minc
+  v = maxc
+  s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
+  d = jnp.where(delta > 0, delta, 1.0)
+  rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+  h = jnp.where(maxc == r, bc - gc,
+                jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+  h = jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
+  return jnp.stack([h, s, v], axis=-1)
+
+
+def hsv_to_rgb(hsv):
+  """Inverse of :func:`rgb_to_hsv`."""
+  h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+  h6 = jnp.mod(h, 1.0) * 6.0
+  i = jnp.floor(h6)
+  f = h6 - i
+  i = i.astype(jnp.int32) % 6
+  p = v * (1.0 - s)
+  q = v * (1.0 - s * f)
+  t = v * (1.0 - s * (1.0 - f))
+  r = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [v, q, p, p, t], v)
+  g = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [t, v, v, q, p], p)
+  b = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [p, p, t, v, v], q)
+  return jnp.stack([r, g, b], axis=-1)
+
+
+def adjust_hue(image, shift):
+  """Rotates the hue by ``shift`` turns in HSV space (torchvision adjust_hue)."""
+  if image.shape[-1] == 1:
+    return image
+  hsv = rgb_to_hsv(image)
+  hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + shift, 1.0))
+  return hsv_to_rgb(hsv)
+
+
+def color_jitter(key, image, cfg, apply):
+  """ColorJitter with its four ops in a random order (torchvision semantics).
+
+  Factors are uniform in [max(0, 1 - x), 1 + x] for brightness, contrast and
+  saturation, and the hue shift in [-hue, hue]. Brightness, contrast and
+  saturation are all blends (with black, the mean gray, the gray image), so
+  the three are applied through one blend whose target is chosen per slot;
+  the hue op runs once, between the blends that precede and follow it in the
+  sampled order.
+  """
+  k_perm, kb, kc, ks, kh = jax.random.split(key, 5)
+
+  def factor(k, x):
+    if x <= 0:
+      return jnp.ones(())
+    f = jax.random.uniform(k, minval=max(0.0, 1.0 - x), maxval=1.0 + x)
+    return jnp.where(apply, f, 1.0)
+
+  factors = jnp.stack([factor(kb, cfg["brightness"]),
+                       factor(kc, cfg["contrast"]),
+                       factor(ks, cfg["saturation"])])
+  use_hue = cfg["hue"] > 0 and image.shape[-1] == 3
+  # Random order of the ops 0..3 (3 = hue), as torch.randperm(4).
+  perm = jax.random.permutation(k_perm, 4)
+  hue_pos = jnp.argmax(perm == 3)
+  # The three blend ops in the order they occur, and how many precede hue.
+  blend_order = perm[jnp.argsort((perm == 3).astype(jnp.int32), stable=True)][:3]
+
+  def blends(img, active_slots):
+    for slot in range(3):
+      op = blend_order[slot]
+      f = jnp.where(active_slots[slot], factors[op], 1.0)
+      if image.shape[-1] == 1:  # saturation is a no-op on gray images
+        f = jnp.where(op == 2, 1.0, f)
+      gray = rgb_to_gray(img)
+      target = jnp.where(op == 0, 0.0,
+                         jnp.where(op == 1, jnp.mean(gray), gray))
+      img = _blend(img, target, f)
+    return img
+
+  slots = jnp.arange(3)
+  if not use_hue:
+    return blends(image, jnp.ones((3,), bool))
+  image = blends(image, slots < hue_pos)
+  shift = jax.random.uniform(kh, minval=-cfg["hue"], maxval=cfg["hue"])
+  image = jnp.where(apply, adjust_hue(image, shift), image)
+  return blends(image, slots >= hue_pos)
+
+
+# -------------------------------------------------------------- blur etc.
+
+
+def _blur_matrix(sigma, n, radius):
+  """(n, n) matrix of a 1-D Gaussian blur with reflect padding (no edge repeat).
+
+  torchvision's gaussian_blur pads with 'reflect' (d c b | a b c d | c b a).
+  """
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  k = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+  k = k / k.sum()
+  src = jnp.arange(n)[:, None] + jnp.arange(-radius, radius + 1)[None, :]
+  # Whole-sample reflection, iterated in case the kernel is wider than n.
+  period = 2 * (n - 1) if n > 1 else 1
+  src = jnp.mod(src, period)
+  src = jnp.where(src >= n, period - src, src)
+  return jnp.zeros((n, n)).at[jnp.arange(n)[:, None], src].add(
+      jnp.broadcast_to(k, src.shape))
+
+
+def gaussian_blur(image, sigma, radius):
+  """Separable Gaussian blur of (H, W, C) with standard deviation ``sigma``."""
+  height, width, _ = image.shape
+  by = _blur_matrix(sigma, height, radius)
+  bx = _blur_matrix(sigma, width, radius)
+  return jnp.einsum("oh,hwc,pw->opc", by, image, bx,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def solarize(image, threshold):
+  """Inverts pixels at or above ``threshold`` (torchvision RandomSolarize)."""
+  return jnp.where(image >= threshold, 1.0 - image, image)
+
+
+# ------------------------------------------------------------------ public
+
+
+def _fill_colour(cfg, channels):
+  fv = cfg["fill_value"]
+  if fv is None or cfg["fill"] == "reflect":
+    # border_mean without statistics: black, as torchvision's default fill.
+    return jnp.zeros((channels,), jnp.float32)
+  if len(fv) == 1:
+    fv = fv * channels
+  if len(fv) != channels:
+    raise ValueError(
+        f"aug.fill_value has {len(fv)} values but the images have {channels} "
+        f"channels; give one value per channel")
+  return jnp.asarray(fv, jnp.float32)
+
+
+def augment_image(key, image, cfg):
+  """One augmented view of one image.
+
+  Args:
+    key: a jax PRNG key for this image.
+    image: (H, W, C) float32 in [0, 1], C = 1 or 3.
+    cfg: the dict returned by :func:`resolve` (static Python values).
+
+  Returns:
+    (H, W, C) float32 in [0, 1].
+  """
+  height, width, channels = image.shape
+  k_geo, k_jit, k_jitp, k_gray, k_blur, k_blurp, k_sol = jax.random.split(key, 7)
+
+  rotates = cfg["rot90_p"] > 0 or (cfg["rotate_p"] > 0 and
+                                   cfg["rotate_degrees"] > 0)
+  if cfg["crop_p"] > 0 or cfg["hflip_p"] > 0 or cfg["vflip_p"] > 0 or rotates:
+    matrix = sample_geometry(k_geo, height, width, cfg)
+    image = warp_affine(image, matrix, cfg["fill"],
+                        _fill_colour(cfg, channels), axis_aligned=not rotates)
+
+  if cfg["jitter_p"] > 0 and (cfg["brightness"] > 0 or cfg["contrast"] > 0 or
+                              cfg["saturation"] > 0 or cfg["hue"] > 0):
+    apply = jax.random.uniform(k_jitp) < cfg["jitter_p"]
+    image = color_jitter(k_jit, image, cfg, apply)
+
+  if cfg["grayscale_p"] > 0 and channels == 3:
+    gray = jax.random.uniform(k_gray) < cfg["grayscale_p"]
+    image = jnp.where(gray, jnp.broadcast_to(rgb_to_gray(image), image.shape),
+                      image)
+
+  if cfg["blur_p"] > 0:
+    lo, hi = cfg["blur_sigma"]
+    radius = max(1, min(int(math.ceil(3.0 * hi)), max(height, width) - 1))
+    sigma = jax.random.uniform(k_blur, minval=lo, maxval=hi)
+    blurred = gaussian_blur(image, sigma, radius)
+    image = jnp.where(jax.random.uniform(k_blurp) < cfg["blur_p"], blurred,
+                      image)
+
+  if cfg["solarize_p"] > 0:
+    sol = jax.random.uniform(k_sol) < cfg["solarize_p"]
+    image = jnp.where(sol, solarize(image, cfg["solarize_threshold"]), image)
+  return image
+
+
+def _to_float(images):
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(
+        f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+  return images.astype(jnp.float32)
+
+
+def augment_batch(key, images, aug_config):
+  """Augments a batch, one independent view per image.
+
+  Args:
+    key: one jax PRNG key; one key per image is split from it.
+    images: (B, H, W, C) uint8 (C = 1 or 3) or float in [0, 1].
+    aug_config: ``config.aug``, a dict of the same fields, or :func:`resolve`'s
+      result. Must be static (plain Python values), never traced.
+
+  Returns:
+    (B, H, W, C) float32 in [0, 1].
+  """
+  cfg = resolve(aug_config)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(
+        f"images must be (batch, height, width, channels) with 1 or 3 "
+        f"channels, got shape {tuple(images.shape)}")
+  if cfg["rot90_p"] > 0 and images.shape[1] != images.shape[2]:
+    raise ValueError(
+        f"aug.rot90_p > 0 needs square images, got {images.shape[1]}x"
+        f"{images.shape[2]}; resize them (data.image_size) or set rot90_p=0")
+  x = _to_float(jnp.asarray(images))
+  keys = jax.random.split(key, x.shape[0])
+  return jax.vmap(lambda k, im: augment_image(k, im, cfg))(keys, x)
+
+
+def border_mean(images) -> tuple:
+  """Mean colour of the one-pixel border of every image of a dataset.
+
+  Args:
+    images: (N, H, W, C) or (N, H, W) uint8 (or float in [0, 1]).
+
+  Returns:
+    A tuple of C floats in [0, 1] (the ``fill_value`` for ``fill="border_mean"``).
+  """
+  x = np.asarray(images)
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4 or x.shape[1] < 2 or x.shape[2] < 2:
+    raise ValueError(
+        f"border_mean needs images of shape (N, H, W[, C]) with H, W >= 2, got "
+        f"{x.shape}")
+  scale = 255.0 if x.dtype == np.uint8 else 1.0
+  mask = np.zeros(x.shape[1:3], bool)
+  mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+  # Sum in float64 over a few images at a time to keep memory flat.
+  total = np.zeros(x.shape[-1])
+  for s in range(0, x.shape[0], 4096):
+    total += x[s:s + 4096][:, mask].astype(np.float64).sum(axis=(0, 1))
+  mean = total / (x.shape[0] * mask.sum()) / scale
+  return tuple(float(v) for v in mean)
