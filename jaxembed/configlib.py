@@ -1,0 +1,113 @@
+"""Checking and resolving a run's configuration before any computation.
+
+Every problem is reported as a :class:`ConfigError` naming the field and
+what to set instead; the command line turns it into one line and exit 2.
+"""
+
+import json
+
+import jax
+import ml_collections
+
+OPTIMIZERS = ("sgd", "adamw", "lars")
+LOSSES = ("cauchy", "cosine")
+HEAD_INITS = ("lecun", "normal", "pca", "keep")
+TRAINABLE = ("all", "head_out")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """An invalid configuration value."""
+
+
+def stages(config):
+  """The stages as a list of dicts (one per stage), after checking their fields agree."""
+  fields = ("epochs", "lr_scale", "warmup_epochs", "head_dim", "head_init", "trainable")
+  values = {f: tuple(config.stages[f]) for f in fields}
+  n = len(values["epochs"])
+  bad = {f: len(v) for f, v in values.items() if len(v) != n}
+  if n == 0 or bad:
+    raise ConfigError(f"config.stages fields must all have one entry per stage; got lengths "
+                      f"{ {f: len(v) for f, v in values.items()} }")
+  out = [{f: values[f][i] for f in fields} for i in range(n)]
+  for i, s in enumerate(out, 1):
+    where = f"stage {i}"
+    if not isinstance(s["epochs"], int) or s["epochs"] < 0:
+      raise ConfigError(f"{where}: epochs must be a non-negative integer, got {s['epochs']!r}")
+    if s["warmup_epochs"] < 0 or s["warmup_epochs"] > max(s["epochs"], 0):
+      raise ConfigError(f"{where}: warmup_epochs={s['warmup_epochs']} must be in [0, epochs={s['epochs']}]")
+    if not s["lr_scale"] > 0:
+      raise ConfigError(f"{where}: lr_scale must be positive, got {s['lr_scale']}")
+    if not isinstance(s["head_dim"], int) or s["head_dim"] < 1:
+      raise ConfigError(f"{where}: head_dim must be a positive integer, got {s['head_dim']!r}")
+    if s["head_init"] not in HEAD_INITS:
+      raise ConfigError(f"{where}: head_init {s['head_init']!r} unknown; use one of {HEAD_INITS}")
+    if s["trainable"] not in TRAINABLE:
+      raise ConfigError(f"{where}: trainable {s['trainable']!r} unknown; use one of {TRAINABLE}")
+    if i == 1 and s["head_init"] == "keep":
+      raise ConfigError("stage 1: head_init 'keep' needs a previous stage; use 'lecun' or 'normal'")
+    if i > 1 and s["head_init"] == "keep" and s["head_dim"] != out[i - 2]["head_dim"]:
+      raise ConfigError(f"{where}: head_init 'keep' but head_dim changes from "
+                        f"{out[i - 2]['head_dim']} to {s['head_dim']}; choose 'normal' or 'pca'")
+    if s["head_init"] == "pca" and i == 1:
+      raise ConfigError("stage 1: head_init 'pca' needs a trained hidden layer; use it from stage 2 on")
+  if sum(s["epochs"] for s in out) == 0:
+    raise ConfigError("config.stages.epochs are all 0: nothing to train")
+  return out
+
+
+def validate(config, num_devices=None):
+  """Raises ConfigError for impossible values; called before any data or model is built."""
+  from jaxembed import models  # pylint: disable=g-import-not-at-top
+  num_devices = num_devices or jax.device_count()
+  if not isinstance(config.batch_size, int) or config.batch_size < 2:
+    raise ConfigError(f"batch_size must be an integer >= 2, got {config.batch_size!r}")
+  if config.batch_size % num_devices:
+    raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
+                      f"use a multiple of {num_devices}")
+  if config.eval.batch_size < 1:
+    raise ConfigError(f"eval.batch_size must be positive, got {config.eval.batch_size}")
+  if config.model.name not in models.BACKBONES:
+    raise ConfigError(f"unknown model.name {config.model.name!r}; known: {sorted(models.BACKBONES)}")
+  if config.model.dtype not in DTYPES:
+    raise ConfigError(f"model.dtype {config.model.dtype!r} unknown; use one of {DTYPES}")
+  if config.optimizer.name not in OPTIMIZERS:
+    raise ConfigError(f"unknown optimizer.name {config.optimizer.name!r}; use one of {OPTIMIZERS}")
+  if not config.optimizer.base_lr > 0:
+    raise ConfigError(f"optimizer.base_lr must be positive, got {config.optimizer.base_lr}")
+  if config.optimizer.clip_value < 0 or config.optimizer.weight_decay < 0:
+    raise ConfigError("optimizer.clip_value and optimizer.weight_decay must be >= 0")
+  if config.loss.name not in LOSSES:
+    raise ConfigError(f"unknown loss.name {config.loss.name!r}; use one of {LOSSES}")
+  if config.loss.temperature <= 0:
+    raise ConfigError(f"loss.temperature must be positive, got {config.loss.temperature}")
+  if config.eval.protocol not in ("split", "paper"):
+    raise ConfigError(f"eval.protocol {config.eval.protocol!r} unknown; use 'split' or 'paper'")
+  if config.eval.knn_k < 1:
+    raise ConfigError(f"eval.knn_k must be >= 1, got {config.eval.knn_k}")
+  if config.checkpoint.every_steps < 1 or config.logging.every_steps < 1:
+    raise ConfigError("checkpoint.every_steps and logging.every_steps must be >= 1")
+  from jaxembed import augment  # pylint: disable=g-import-not-at-top
+  try:
+    augment.resolve(config.aug)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.aug: {e}") from e
+  return stages(config)
+
+
+def to_json(config):
+  """The config as JSON text (tuples become lists)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text):
+  """Re-creates a ConfigDict from :func:`to_json` output (lists back to tuples)."""
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return tuple(tuples(v) for v in x)
+    return x
+  data = tuples(json.loads(text))
+  data.pop("run", None)
+  return ml_collections.ConfigDict(data)

@@ -1,0 +1,466 @@
+"""The t-SimCNE training run: stages, jitted train step, checkpoints, evaluation and outputs.
+
+Reads top to bottom: setup, data, schedule, model and state, restore, the
+stage loop, final evaluation and outputs. Randomness comes from one root
+key: ``fold_in(root, step)`` per step and a (seed, epoch) permutation of
+the data, so a resumed run repeats the uninterrupted one exactly.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxembed import augment
+from jaxembed import checkpoint
+from jaxembed import configlib
+from jaxembed import data as data_lib
+from jaxembed import embedding
+from jaxembed import evaluate
+from jaxembed import losses
+from jaxembed import models
+from jaxembed import parallel
+from jaxembed import plots
+from jaxembed import workdir as workdir_lib
+from jaxembed.data import pipeline
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (non-finite loss, incompatible workdir)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of the schedule, with its place in the global step count."""
+  index: int            # 0-based
+  epochs: int
+  lr_scale: float
+  warmup_epochs: int
+  head_dim: int
+  head_init: str
+  trainable: str
+  first_step: int       # global step at which the stage starts
+  num_steps: int
+
+  @property
+  def last_step(self):
+    return self.first_step + self.num_steps
+
+
+def build_stages(stage_dicts, steps_per_epoch):
+  out, start = [], 0
+  for i, s in enumerate(stage_dicts):
+    n = s["epochs"] * steps_per_epoch
+    out.append(Stage(index=i, first_step=start, num_steps=n, **s))
+    start += n
+  return out
+
+
+def stage_of_step(stages, step):
+  """The stage a checkpoint at ``step`` belongs to (a stage end belongs to its stage)."""
+  for s in stages:
+    if step <= s.last_step and (step > s.first_step or s.index == 0):
+      return s
+  return stages[-1]
+
+
+# --------------------------------------------------------------------- optimiser
+
+
+def learning_rate(config, stage, steps_per_epoch):
+  """Warm-up then cosine decay within the stage; peak base_lr * B / 256 * lr_scale (reference)."""
+  peak = config.optimizer.base_lr * config.batch_size / 256 * stage.lr_scale
+  total = max(stage.num_steps, 1)
+  warmup = min(stage.warmup_epochs * steps_per_epoch, total - 1)
+  if warmup <= 0:
+    return optax.cosine_decay_schedule(peak, total)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
+
+
+def make_optimizer(opt_config, lr, trainable, params):
+  """SGD (reference: momentum 0.9, decoupled-from-nothing weight decay 5e-4), AdamW or LARS."""
+  parts = []
+  if opt_config.clip_value > 0:
+    parts.append(optax.clip(opt_config.clip_value))
+  if opt_config.name == "sgd":
+    # PyTorch's SGD adds weight_decay * p to the gradient before momentum.
+    parts += [optax.add_decayed_weights(opt_config.weight_decay),
+              optax.sgd(lr, momentum=opt_config.momentum)]
+  elif opt_config.name == "adamw":
+    parts.append(optax.adamw(lr, b1=opt_config.b1, b2=opt_config.b2,
+                             weight_decay=opt_config.weight_decay))
+  elif opt_config.name == "lars":
+    parts.append(optax.lars(lr, weight_decay=opt_config.weight_decay,
+                            momentum=opt_config.momentum))
+  else:
+    raise configlib.ConfigError(f"unknown optimizer {opt_config.name!r}")
+  tx = optax.chain(*parts)
+  if trainable == "all":
+    return tx
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "train" if _is_head_out(path) else "freeze", params)
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def _is_head_out(path):
+  keys = [getattr(p, "key", None) for p in path]
+  return keys[:2] == ["projector", "out"]
+
+
+# ------------------------------------------------------------------- train step
+
+
+def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh):
+  """The jitted step: gather the batch, augment two views, loss on the global batch, update.
+
+  A step whose loss or gradients are not finite leaves the state unchanged
+  and records the step in ``bad_step``; the host stops the run when it sees it.
+  """
+  aug = augment.resolve(aug_config)
+
+  def step_fn(state, images_all, idx, root_key):
+    key = jax.random.fold_in(root_key, state["step"])
+    k1, k2 = jax.random.split(key)
+    images = images_all[idx]
+    x = jnp.concatenate([augment.augment_batch(k1, images, aug),
+                         augment.augment_batch(k2, images, aug)])
+
+    def loss_of(params):
+      out, updated = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
+                                 train=True, mutable=["batch_stats"])
+      z = out["z"]
+      return loss_fn(z[:batch_size], z[batch_size:]), updated["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {
+        "params": keep(params, state["params"]),
+        "batch_stats": keep(batch_stats, state["batch_stats"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "step": state["step"] + 1,
+        "bad_step": jnp.where(finite | (state["bad_step"] >= 0), state["bad_step"], state["step"]),
+    }
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
+
+  repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(step_fn, in_shardings=(repl, repl, batch, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------ state set-up
+
+
+def init_variables(model, key, image_shape):
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def new_head(kind, key, hidden, head_dim, old_out):
+  """Parameters {"kernel", "bias"} of a new output layer of width ``head_dim``.
+
+  normal: N(0, 1) entries, the reference's stage-2 initialisation.
+  pca: the top principal directions of the hidden layer on the training
+    images, scaled so that the first coordinate has unit variance per 1 of
+    ``PCA_SCALE``; a map that starts from the PCA of the learnt
+    representation, as t-SNE benefits from PCA initialisation.
+  keep: the previous output layer.
+  """
+  if kind == "keep":
+    return old_out
+  h_dim = hidden.shape[1] if hidden is not None else old_out["kernel"].shape[0]
+  if kind == "normal":
+    return {"kernel": jax.random.normal(key, (h_dim, head_dim), jnp.float32),
+            "bias": jnp.zeros((head_dim,), jnp.float32)}
+  if kind == "lecun":
+    kernel = jax.nn.initializers.lecun_normal()(key, (h_dim, head_dim), jnp.float32)
+    return {"kernel": kernel, "bias": jnp.zeros((head_dim,), jnp.float32)}
+  if kind == "pca":
+    mean = hidden.mean(axis=0)
+    _, s, vt = np.linalg.svd(hidden - mean, full_matrices=False)
+    directions = vt[:head_dim].T                                   # (h_dim, head_dim)
+    # Fix the sign of each direction so the initialisation is deterministic.
+    directions *= np.sign(directions[np.argmax(np.abs(directions), axis=0), range(head_dim)])
+    scale = PCA_SCALE / (s[0] / np.sqrt(len(hidden)))
+    kernel = directions * scale
+    return {"kernel": jnp.asarray(kernel, jnp.float32),
+            "bias": jnp.asarray(-mean @ kernel, jnp.float32)}
+  raise configlib.ConfigError(f"unknown head_init {kind!r}")
+
+
+# Standard deviation of the first coordinate of a PCA-initialised 2-D map.
+PCA_SCALE = 10.0
+
+
+def make_state(params, batch_stats, tx, step):
+  return {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+          "step": jnp.asarray(step, jnp.int32), "bad_step": jnp.asarray(-1, jnp.int32)}
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+def evaluate_embedding(model, variables, ds, mesh, config):
+  """Embeds train and test images; kNN accuracy (train -> test) and silhouette of test (DESIGN 3c)."""
+  train = embedding.embed(model, variables, ds.train_images, mesh, config.eval.batch_size)
+  test = embedding.embed(model, variables, ds.test_images, mesh, config.eval.batch_size)
+  metrics = {"protocol": config.eval.protocol, "head_dim": int(train["z"].shape[1])}
+  if ds.train_labels.ndim == 1 and len(ds.test_labels):
+    if config.eval.protocol == "paper":
+      metrics.update(_paper_metrics(train, test, ds, config))
+    else:
+      k = min(config.eval.knn_k, len(ds.train_labels))
+      metrics["knn_accuracy"] = float(evaluate.knn_accuracy(
+          train["z"], ds.train_labels, test["z"], ds.test_labels, k=k))
+      if len(np.unique(ds.test_labels)) > 1:
+        metrics["silhouette"] = float(evaluate.silhouette_score(test["z"], ds.test_labels))
+  return metrics, train, test
+
+
+def _paper_metrics(train, test, ds, config):
+  """The paper's protocol: everything embedded; kNN on a stratified 10% hold-out of it."""
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  z = np.concatenate([train["z"], test["z"]])
+  y = np.concatenate([ds.train_labels, ds.test_labels])
+  tr, te = model_selection.train_test_split(np.arange(len(z)), test_size=0.1, random_state=0,
+                                            stratify=y)
+  return {"knn_accuracy": float(evaluate.knn_accuracy(z[tr], y[tr], z[te], y[te],
+                                                      k=config.eval.knn_k)),
+          "silhouette": float(evaluate.silhouette_score(z, y))}
+
+
+# ------------------------------------------------------------------------- run
+
+
+def resolve_config(config, ds, stats, num_devices):
+  """Fills the data-dependent fields (normalisation, border colour, batch clamp) in place."""
+  with config.unlocked():
+    n = len(ds.train_images)
+    if config.batch_size > n:
+      clamped = (n // num_devices) * num_devices
+      if clamped < 2:
+        raise data_lib.DataError(f"only {n} training images for {num_devices} devices; "
+                                 "need at least two images per step")
+      logging.warning("batch_size=%d exceeds the %d training images; using %d",
+                      config.batch_size, n, clamped)
+      print(f"warning: batch_size={config.batch_size} is larger than the {n} training images; "
+            f"using batch_size={clamped}", flush=True)
+      config.batch_size = clamped
+    if config.model.input_mean is None:
+      config.model.input_mean = stats["mean"]
+    if config.model.input_std is None:
+      config.model.input_std = stats["std"]
+    if config.aug.fill_value is None:
+      config.aug.fill_value = stats["border_mean"]
+  return config
+
+
+def train_and_evaluate(config, workdir):
+  """Trains (or resumes) the run of ``config`` in ``workdir`` and writes its outputs.
+
+  Returns the final metrics dict (also written to ``workdir/metrics.json``).
+  """
+  # ---- setup
+  t_start = time.time()
+  config = config.copy_and_resolve_references()
+  stage_dicts = configlib.validate(config)
+  main = parallel.is_main_process()
+  workdir_lib.prepare_workdir(workdir)
+  mesh = parallel.make_mesh()
+
+  # ---- data
+  ds = data_lib.load(config.data)
+  stats = data_lib.compute_stats(ds.train_images)
+  config = resolve_config(config, ds, stats, mesh.devices.size)
+  run_info = workdir_lib.run_record(config, ds, stats)
+  workdir_lib.check_or_write_config(workdir, config, run_info, write=main)
+
+  # ---- schedule
+  n_train = len(ds.train_images)
+  spe = pipeline.steps_per_epoch(n_train, config.batch_size)
+  stages = build_stages(stage_dicts, spe)
+  total_steps = stages[-1].last_step
+  loss_fn = losses.get_loss(config.loss.name, config.loss.temperature)
+  root_key = jax.random.key(config.seed)
+  step_key = jax.random.fold_in(root_key, 1)
+
+  # ---- finished already?
+  manager = checkpoint.create_manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                      config.checkpoint.keep, [s.last_step for s in stages])
+  latest = manager.latest_step()
+  if latest is not None and latest >= total_steps and workdir_lib.is_complete(workdir):
+    metrics = workdir_lib.read_metrics(workdir)
+    if main:
+      print(f"Run in {workdir} is already finished (step {latest}); nothing to train.", flush=True)
+      workdir_lib.print_summary(workdir, metrics)
+    manager.close()
+    return metrics
+
+  # ---- model and state for the stage we start in
+  stage = stage_of_step(stages, latest) if latest is not None else stages[0]
+  model = models.create_model(config.model, head_dim=stage.head_dim)
+  variables = init_variables(model, jax.random.fold_in(root_key, 0), ds.image_shape)
+  if stage.index == 0 and config.model.pretrained:
+    variables = models.load_pretrained(variables, config.model)
+  tx = make_optimizer(config.optimizer, learning_rate(config, stage, spe), stage.trainable,
+                      variables["params"])
+  state = parallel.replicate(mesh, make_state(variables["params"], variables["batch_stats"], tx,
+                                              stage.first_step))
+  if latest is not None:
+    state = checkpoint.restore(manager, latest, state)
+    if main:
+      print(f"Resuming from the checkpoint at step {latest} (stage {stage.index + 1}).", flush=True)
+
+  images_all = parallel.replicate(mesh, jnp.asarray(ds.train_images))
+  writer = metric_writers.create_default_writer(workdir, just_logging=not main,
+                                                asynchronous=True)
+  if latest is None:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+                          if isinstance(v, (int, float, str, bool))})
+  stage_metrics = workdir_lib.read_stage_metrics(workdir)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+
+  # ---- the stage loop
+  for s in stages[stage.index:]:
+    if s.index > stage.index:
+      model, state, tx = _enter_stage(config, s, model, state, ds, mesh, spe, root_key)
+    train_step = make_train_step(model, tx, loss_fn, config.aug, config.batch_size, mesh)
+    if main:
+      print(f"Stage {s.index + 1}/{len(stages)}: {s.epochs} epochs ({s.num_steps} steps"
+            f" of {config.batch_size}), head_dim {s.head_dim}, trains {s.trainable}, "
+            f"peak lr {config.optimizer.base_lr * config.batch_size / 256 * s.lr_scale:.3g}",
+            flush=True)
+    state = _run_stage(s, stages, state, train_step, images_all, step_key, manager, config, spe,
+                       n_train, writer, report, mesh, main)
+    step = int(state["step"])
+    if str(s.index) in stage_metrics and step == s.last_step and latest == step:
+      continue  # evaluated before the interruption
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    metrics, _, _ = evaluate_embedding(model, variables, ds, mesh, config)
+    stage_metrics[str(s.index)] = metrics
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
+                                if isinstance(v, float)})
+    if main:
+      workdir_lib.write_stage_metrics(workdir, stage_metrics)
+      print(f"Stage {s.index + 1} done: " + _format_metrics(metrics), flush=True)
+  manager.wait_until_finished()
+
+  # ---- final evaluation and outputs
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  metrics, train_out, test_out = evaluate_embedding(model, variables, ds, mesh, config)
+  metrics["stages"] = [stage_metrics[str(s.index)] for s in stages if str(s.index) in stage_metrics]
+  metrics["steps"] = int(state["step"])
+  metrics["train_seconds_this_invocation"] = round(time.time() - t_start, 1)
+  if main:
+    workdir_lib.write_run_outputs(workdir, config, ds, train_out, test_out, metrics)
+    if config.outputs.plots:
+      writer.write_images(int(state["step"]), {
+          "embedding": plots.read_png(os.path.join(workdir, "embedding.png"))[None]})
+    workdir_lib.print_summary(workdir, metrics)
+  writer.flush()
+  writer.close()
+  manager.close()
+  return metrics
+
+
+def _enter_stage(config, stage, model, state, ds, mesh, spe, root_key):
+  """Swaps the output layer for the new stage's and creates the stage's optimiser."""
+  new_model = models.create_model(config.model, head_dim=stage.head_dim)
+  params = jax.device_get(state["params"])
+  hidden = None
+  if stage.head_init == "pca":
+    hidden = embedding.embed(model, {"params": state["params"],
+                                     "batch_stats": state["batch_stats"]},
+                             ds.train_images, mesh, config.eval.batch_size)["hidden"]
+  key = jax.random.fold_in(jax.random.fold_in(root_key, 2), stage.index)
+  params = dict(params)
+  params["projector"] = dict(params["projector"])
+  params["projector"]["out"] = new_head(stage.head_init, key, hidden, stage.head_dim,
+                                        params["projector"]["out"])
+  tx = make_optimizer(config.optimizer, learning_rate(config, stage, spe), stage.trainable, params)
+  new_state = make_state(params, jax.device_get(state["batch_stats"]), tx, stage.first_step)
+  return new_model, parallel.replicate(mesh, new_state), tx
+
+
+def _run_stage(stage, stages, state, train_step, images_all, step_key, manager, config, spe,
+               n_train, writer, report, mesh, main):
+  """Runs the remaining steps of ``stage``; returns the state at its end."""
+  step = int(state["step"])
+  t_last, step_last = time.time(), step
+  total = stages[-1].last_step
+  while step < stage.last_step:
+    idx = pipeline.batch_indices(config.seed, step, n_train, config.batch_size)
+    state, step_metrics = train_step(state, images_all, parallel.global_from_full(mesh, idx),
+                                     step_key)
+    step += 1
+    report(step)
+    at_end = step == stage.last_step
+    if step % config.logging.every_steps == 0 or at_end:
+      loss = float(step_metrics["loss"])
+      _check_finite(state, stage, stages)
+      now = time.time()
+      ips = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
+      lr = float(learning_rate(config, stage, spe)(step - stage.first_step - 1))
+      scalars = {"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips,
+                 "train/step_seconds": (now - t_last) / max(step - step_last, 1),
+                 "train/grad_norm": float(step_metrics["grad_norm"])}
+      mem = _device_memory()
+      if mem is not None:
+        scalars["train/device_memory_bytes"] = mem
+      writer.write_scalars(step, scalars)
+      if main:
+        eta = (total - step) * config.batch_size / max(ips, 1e-9)
+        print(f"stage {stage.index + 1}/{len(stages)} | step {step}/{total} "
+              f"(epoch {(step - stage.first_step - 1) // spe + 1}/{stage.epochs}) | "
+              f"loss {loss:.4f} | lr {lr:.3g} | {ips:,.0f} img/s | ETA {_fmt_time(eta)}",
+              flush=True)
+      t_last, step_last = now, step
+    if at_end or step % config.checkpoint.every_steps == 0:
+      _check_finite(state, stage, stages)
+      checkpoint.save(manager, step, state)
+  return state
+
+
+def _check_finite(state, stage, stages):
+  bad = int(state["bad_step"])
+  if bad >= 0:
+    raise TrainingError(
+        f"non-finite loss or gradient at step {bad + 1} (stage {stage.index + 1}/{len(stages)}); "
+        "the run stopped and the last good checkpoint is kept. Try a lower optimizer.base_lr, "
+        "optimizer.clip_value > 0, or model.dtype='float32'.")
+
+
+def _device_memory():
+  stats = jax.local_devices()[0].memory_stats()
+  return None if not stats else stats.get("bytes_in_use")
+
+
+def _fmt_time(seconds):
+  seconds = int(seconds)
+  return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _format_metrics(metrics):
+  return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

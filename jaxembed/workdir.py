@@ -1,0 +1,246 @@
+"""The files of a run's workdir (DESIGN.md 3b): config.json, metrics, embeddings and their checks.
+
+Every file is written to a temporary name and renamed into place, so an
+interrupted run never leaves a half-written file that looks complete;
+``metrics.json`` is written last and marks a finished run.
+"""
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+
+import numpy as np
+
+from jaxembed import configlib
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used (a file, not writable, or holding a different run)."""
+
+
+CONFIG = "config.json"
+METRICS = "metrics.json"
+STAGE_METRICS = "stage_metrics.json"
+EMBEDDINGS = "embeddings.npz"
+
+
+def prepare_workdir(path):
+  """Creates ``path`` if needed and checks that it is a writable directory."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"--workdir {path} is a file, not a directory; give a directory path")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create --workdir {path}: {e.strerror}; choose a writable location") from e
+  try:
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"--workdir {path} is not writable ({e.strerror}); choose another directory "
+                       "or fix its permissions") from e
+  return path
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+  """Opens a temporary file next to ``path`` and renames it onto ``path`` on success."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path, obj):
+  with atomic_open(path) as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    f.write("\n")
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def data_hash(ds):
+  """SHA-256 over the images and labels of both splits: identifies the data a run used."""
+  h = hashlib.sha256()
+  for arr in (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels):
+    arr = np.ascontiguousarray(arr)
+    h.update(str((arr.shape, arr.dtype.str)).encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def run_record(config, ds, stats):
+  """What config.json keeps beside the config: versions, data hash and statistics."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jaxembed  # pylint: disable=g-import-not-at-top
+  return {
+      "format_version": config.format_version,
+      "seed": config.seed,
+      "data_hash": data_hash(ds),
+      "data_stats": stats,
+      "num_train": int(len(ds.train_images)),
+      "num_test": int(len(ds.test_images)),
+      "image_shape": list(ds.image_shape),
+      "versions": {
+          "jaxembed": jaxembed.__version__, "jax": jax.__version__, "flax": flax.__version__,
+          "optax": optax.__version__, "orbax": getattr(ocp, "__version__", "?"),
+          "python": platform.python_version(),
+      },
+  }
+
+
+def check_or_write_config(workdir, config, run_info, write=True):
+  """Writes config.json, or checks that an existing one describes the same run.
+
+  Resuming with another config or other data would mix two runs in one
+  workdir, so that is refused with the list of differing fields.
+  """
+  path = os.path.join(workdir, CONFIG)
+  new = json.loads(configlib.to_json(config))
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise WorkdirError(f"{path} exists but cannot be read ({e}); use a new --workdir") from e
+    old_run = old.pop("run", {})
+    diff = sorted(_diff(old, new))
+    if old_run.get("data_hash") not in (None, run_info["data_hash"]):
+      diff.append("the training data (data hash)")
+    if diff:
+      raise WorkdirError(
+          f"--workdir {workdir} holds a run with a different configuration ({', '.join(diff[:8])}"
+          f"{', ...' if len(diff) > 8 else ''}); use a new --workdir, or the original config to "
+          "resume it")
+    return
+  if write:
+    write_json(path, dict(new, run=run_info))
+
+
+def _diff(a, b, prefix=""):
+  keys = set(a) | set(b)
+  for k in keys:
+    va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+    if isinstance(va, dict) and isinstance(vb, dict):
+      yield from _diff(va, vb, f"{prefix}{k}.")
+    elif va != vb:
+      yield f"{prefix}{k}"
+
+
+def load_config(workdir):
+  """The resolved ConfigDict of a run from its config.json."""
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.isfile(path):
+    raise WorkdirError(f"{path} not found: --workdir must be a directory written by "
+                       "`python -m jaxembed.train`")
+  with open(path) as f:
+    return configlib.from_json(f.read())
+
+
+def is_complete(workdir):
+  return all(os.path.isfile(os.path.join(workdir, f)) for f in (METRICS, EMBEDDINGS))
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, METRICS)) as f:
+    return json.load(f)
+
+
+def read_stage_metrics(workdir):
+  path = os.path.join(workdir, STAGE_METRICS)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_stage_metrics(workdir, stage_metrics):
+  write_json(os.path.join(workdir, STAGE_METRICS), stage_metrics)
+
+
+def label_strings(labels):
+  """Labels as strings for CSV/HTML: ints as is, multi-label rows joined by ';'."""
+  labels = np.asarray(labels)
+  if labels.ndim == 2:
+    return np.array([";".join(str(int(v)) for v in row) for row in labels])
+  return np.array([str(v) for v in labels.tolist()])
+
+
+def write_embeddings(path_npz, out, labels, split, ids):
+  """Writes ``embeddings.npz`` and the same columns (without features) as ``.csv``.
+
+  ``out`` holds ``z`` (the head output), ``features`` and optionally ``hidden``.
+  """
+  z = np.asarray(out["z"], np.float32)
+  arrays = {"embedding": z[:, :2] if z.shape[1] >= 2 else z, "head": z,
+            "features": np.asarray(out["features"], np.float32),
+            "labels": np.asarray(labels), "split": np.asarray(split).astype(str),
+            "ids": np.asarray(ids).astype(str)}
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  with atomic_open(path_npz, "wb") as f:
+    f.write(buf.getvalue())
+  path_csv = os.path.splitext(path_npz)[0] + ".csv"
+  with atomic_open(path_csv, "w") as f:
+    w = csv.writer(f)
+    w.writerow(["id", "split", "label", "x", "y"] + [f"head_{i}" for i in range(z.shape[1])])
+    lab = label_strings(labels)
+    emb = arrays["embedding"]
+    for i in range(len(z)):
+      xy = [f"{emb[i, 0]:.6g}", f"{emb[i, 1]:.6g}" if emb.shape[1] > 1 else ""]
+      w.writerow([arrays["ids"][i], arrays["split"][i], lab[i]] + xy
+                 + [f"{v:.6g}" for v in z[i]])
+  return arrays
+
+
+def write_run_outputs(workdir, config, ds, train_out, test_out, metrics):
+  """The final files of a training run; metrics.json last."""
+  from jaxembed import plots  # pylint: disable=g-import-not-at-top
+  out = {k: np.concatenate([train_out[k], test_out[k]]) for k in ("z", "features")}
+  labels = np.concatenate([ds.train_labels, ds.test_labels])
+  split = np.array(["train"] * len(ds.train_labels) + ["test"] * len(ds.test_labels))
+  ids = np.concatenate([ds.train_ids, ds.test_ids])
+  arrays = write_embeddings(os.path.join(workdir, EMBEDDINGS), out, labels, split, ids)
+  if config.outputs.plots:
+    images = np.concatenate([ds.train_images, ds.test_images])
+    title = f"t-SimCNE, {ds.name}: kNN {metrics.get('knn_accuracy', float('nan')):.3f}, " \
+            f"silhouette {metrics.get('silhouette', float('nan')):.3f} (test split)"
+    plots.scatter_png(os.path.join(workdir, "embedding.png"), arrays["embedding"], labels,
+                      title=title)
+    plots.embedding_html(os.path.join(workdir, "embedding.html"), arrays["embedding"], labels,
+                         arrays["ids"], split,
+                         images=images if config.outputs.html_thumbnails else None, title=title)
+  write_json(os.path.join(workdir, METRICS), metrics)
+
+
+def print_summary(workdir, metrics):
+  """The end-of-run lines: metrics and where the outputs are."""
+  parts = [f"{k} {metrics[k]:.4f}" for k in ("knn_accuracy", "silhouette") if k in metrics]
+  print(f"Final ({metrics.get('protocol', 'split')} protocol, test split): " + ", ".join(parts),
+        flush=True)
+  print(f"Outputs in {os.path.abspath(workdir)}: " + ", ".join(
+      f for f in sorted(os.listdir(workdir))
+      if not f.startswith(".") and f != "checkpoints") + ", checkpoints/", flush=True)
+  sys.stdout.flush()
