@@ -88,6 +88,8 @@ PRESETS = {
 }
 FIELDS = tuple(_TSIMCNE)
 FILLS = ("constant", "border_mean", "reflect")
+# Uniform draws per view: 29 geometry, 9 jitter, grayscale, blur (2), solarise.
+_N_UNIFORMS = 42
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -203,35 +205,39 @@ def resolve(aug_config) -> dict:
 
 
 def _rotation_inverse(theta, cx, cy):
-  """3x3 map from output to input pixel coordinates for a rotation by theta.
+  """(2, 3) map from output to input pixel coordinates of a rotation by theta.
 
   Positive theta turns the content counter-clockwise on screen (y points
-  down), as torchvision and ``np.rot90``.
+  down), as torchvision and ``np.rot90``; the centre is the image centre.
   """
   c, s = jnp.cos(theta), jnp.sin(theta)
   # input = R(-theta) (out - centre) + centre, in y-down coordinates.
   return jnp.array([
       [c, -s, cx - c * cx + s * cy],
       [s, c, cy - s * cx - c * cy],
-      [0.0, 0.0, 1.0],
   ])
 
 
-def sample_crop(key, height, width, scale, ratio):
+def sample_crop(u, height, width, scale, ratio):
   """Crop box (top, left, h, w) as torchvision's RandomResizedCrop.get_params.
 
   Ten attempts of area ~ U(scale) * H * W and log-uniform aspect ratio; the
   first one that fits is taken (position uniform over the valid offsets),
   otherwise the centre crop clamped to the ratio range. All vectorised, so it
-  runs under jit and vmap. Returns int32 scalars.
+  runs under jit and vmap.
+
+  Args:
+    u: (22,) independent U(0, 1) draws (10 areas, 10 ratios, 2 offsets).
+    height, width: the image size (static).
+    scale, ratio: the (min, max) ranges of area fraction and aspect ratio.
+
+  Returns:
+    int32 scalars (top, left, h, w).
   """
-  k_area, k_ratio, k_i, k_j = jax.random.split(key, 4)
   area = float(height * width)
   log_r = (math.log(ratio[0]), math.log(ratio[1]))
-  target = area * jax.random.uniform(k_area, (10,), minval=scale[0],
-                                     maxval=scale[1])
-  aspect = jnp.exp(jax.random.uniform(k_ratio, (10,), minval=log_r[0],
-                                      maxval=log_r[1]))
+  target = area * (scale[0] + (scale[1] - scale[0]) * u[0:10])
+  aspect = jnp.exp(log_r[0] + (log_r[1] - log_r[0]) * u[10:20])
   # Python's round() is half-to-even, like jnp.round.
   w = jnp.round(jnp.sqrt(target * aspect)).astype(jnp.int32)
   h = jnp.round(jnp.sqrt(target / aspect)).astype(jnp.int32)
@@ -251,63 +257,81 @@ def sample_crop(key, height, width, scale, ratio):
   hh = jnp.where(any_ok, h[first], fh)
   ww = jnp.where(any_ok, w[first], fw)
   # randint(0, H - h + 1) in torchvision: uniform over the valid offsets.
-  top = jnp.floor(jax.random.uniform(k_i) * (height - hh + 1)).astype(jnp.int32)
-  left = jnp.floor(jax.random.uniform(k_j) * (width - ww + 1)).astype(jnp.int32)
+  top = jnp.floor(u[20] * (height - hh + 1)).astype(jnp.int32)
+  left = jnp.floor(u[21] * (width - ww + 1)).astype(jnp.int32)
   top = jnp.where(any_ok, jnp.minimum(top, height - hh), (height - fh) // 2)
   left = jnp.where(any_ok, jnp.minimum(left, width - ww), (width - fw) // 2)
   return top, left, hh, ww
 
 
-def sample_geometry(key, height, width, cfg):
-  """The one affine map (3x3, output -> input pixel coordinates) of a view.
+def geometry(height, width, theta=0.0, box=None, hflip=False, vflip=False):
+  """The composed geometric transform of one view, from explicit parameters.
 
-  Forward order: rot90, rotation, random resized crop, hflip, vflip. The map
-  sends an output pixel centre (x, y) to the input location it samples.
+  Forward order (as the reference's transforms): rotation by ``theta`` radians
+  (rot90 included), crop ``box`` = (top, left, h, w) of the rotated image
+  resized to (height, width), horizontal flip, vertical flip.
+
+  Returns:
+    ``(inner, lo, hi, outer)``: ``inner`` (2, 3) maps an output pixel (x, y)
+    to the crop's frame (the rotated image); the result is clamped to the box
+    ``[lo, hi]`` (x, y order), which is what resizing the cropped image does
+    at its edges (torchvision crops, then resizes); ``outer`` (2, 3) maps the
+    rotated image back to the input image.
   """
-  k90, k90p, krot, krotp, kcrop, kcropp, kh, kv = jax.random.split(key, 8)
-  cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-  eye = jnp.eye(3)
-  mats = []
+  if box is None:
+    box = (0, 0, height, width)
+  top, left, h, w = (jnp.asarray(v, jnp.float32) for v in box)
+  # Flips act on the output: x -> W - 1 - x.
+  fx = jnp.where(hflip, -1.0, 1.0)
+  fy = jnp.where(vflip, -1.0, 1.0)
+  ox = jnp.where(hflip, width - 1.0, 0.0)
+  oy = jnp.where(vflip, height - 1.0, 0.0)
+  # Resize with pixel centres aligned (align_corners=False, as torchvision):
+  # x_crop = left + (x_out + 0.5) * w / W - 0.5.
+  sx, sy = w / width, h / height
+  inner = jnp.array([
+      [sx * fx, 0.0, sx * ox + left + 0.5 * sx - 0.5],
+      [0.0, sy * fy, sy * oy + top + 0.5 * sy - 0.5],
+  ])
+  lo = jnp.stack([left, top])
+  hi = jnp.stack([left + w - 1.0, top + h - 1.0])
+  outer = _rotation_inverse(jnp.asarray(theta, jnp.float32),
+                            (width - 1) / 2.0, (height - 1) / 2.0)
+  return inner, lo, hi, outer
+
+
+def _rotates(cfg):
+  return cfg["rot90_p"] > 0 or (cfg["rotate_p"] > 0 and
+                                cfg["rotate_degrees"] > 0)
+
+
+def sample_geometry(u, height, width, cfg):
+  """Samples one view's geometry (see :func:`geometry`).
+
+  Args:
+    u: (29,) independent U(0, 1) draws: 22 for the crop box, then crop_p,
+      rot90 (p, k), rotation (p, angle), hflip, vflip.
+    height, width: the image size (static).
+    cfg: the dict from :func:`resolve`.
+  """
   theta = jnp.zeros(())
   if cfg["rot90_p"] > 0:
-    k = jax.random.randint(k90, (), 1, 4)
-    k = jnp.where(jax.random.uniform(k90p) < cfg["rot90_p"], k, 0)
-    theta = theta + k.astype(jnp.float32) * (jnp.pi / 2)
+    k = jnp.minimum(1 + jnp.floor(3.0 * u[24]), 3.0)  # uniform in {1, 2, 3}
+    theta = theta + jnp.where(u[23] < cfg["rot90_p"], k, 0.0) * (jnp.pi / 2)
   if cfg["rotate_p"] > 0 and cfg["rotate_degrees"] > 0:
     deg = cfg["rotate_degrees"]
-    a = jax.random.uniform(krot, minval=-deg, maxval=deg)
-    a = jnp.where(jax.random.uniform(krotp) < cfg["rotate_p"], a, 0.0)
-    theta = theta + jnp.deg2rad(a)
-  if cfg["rot90_p"] > 0 or (cfg["rotate_p"] > 0 and cfg["rotate_degrees"] > 0):
-    mats.append(_rotation_inverse(theta, cx, cy))
+    a = -deg + 2.0 * deg * u[26]
+    theta = theta + jnp.deg2rad(jnp.where(u[25] < cfg["rotate_p"], a, 0.0))
+  box = None
   if cfg["crop_p"] > 0:
-    top, left, h, w = sample_crop(kcrop, height, width, cfg["crop_scale"],
+    top, left, h, w = sample_crop(u[:22], height, width, cfg["crop_scale"],
                                   cfg["crop_ratio"])
-    apply = jax.random.uniform(kcropp) < cfg["crop_p"]
-    top = jnp.where(apply, top, 0).astype(jnp.float32)
-    left = jnp.where(apply, left, 0).astype(jnp.float32)
-    h = jnp.where(apply, h, height).astype(jnp.float32)
-    w = jnp.where(apply, w, width).astype(jnp.float32)
-    # Resize with pixel centres aligned (align_corners=False, as torchvision):
-    # x_in = left + (x_out + 0.5) * w / W - 0.5.
-    sx, sy = w / width, h / height
-    mats.append(jnp.array([
-        [sx, 0.0, left + 0.5 * sx - 0.5],
-        [0.0, sy, top + 0.5 * sy - 0.5],
-        [0.0, 0.0, 1.0],
-    ]))
-  if cfg["hflip_p"] > 0:
-    f = jax.random.uniform(kh) < cfg["hflip_p"]
-    mats.append(jnp.where(f, jnp.array([[-1.0, 0, width - 1.0], [0, 1, 0],
-                                        [0, 0, 1]]), eye))
-  if cfg["vflip_p"] > 0:
-    f = jax.random.uniform(kv) < cfg["vflip_p"]
-    mats.append(jnp.where(f, jnp.array([[1.0, 0, 0], [0, -1, height - 1.0],
-                                        [0, 0, 1]]), eye))
-  m = eye
-  for a in mats:  # input <- op1 <- op2 <- ... <- output
-    m = m @ a
-  return m
+    apply = u[22] < cfg["crop_p"]
+    box = (jnp.where(apply, top, 0), jnp.where(apply, left, 0),
+           jnp.where(apply, h, height), jnp.where(apply, w, width))
+  hflip = u[27] < cfg["hflip_p"]
+  vflip = u[28] < cfg["vflip_p"]
+  return geometry(height, width, theta, box, hflip, vflip)
 
 
 def _reflect_coord(x, n):
@@ -320,47 +344,50 @@ def _reflect_coord(x, n):
   return jnp.clip(y, 0.0, n - 1.0)
 
 
-def warp_affine(image, matrix, fill, fill_value, axis_aligned=False):
-  """Samples ``image`` (H, W, C float) at ``matrix @ (x, y, 1)`` bilinearly.
+def warp(image, geom, fill="constant", fill_value=0.0, rotates=True):
+  """Samples ``image`` once, bilinearly, through the geometry ``geom``.
 
   Args:
     image: (H, W, C) float32.
-    matrix: (3, 3) map from output to input pixel coordinates.
+    geom: ``(inner, lo, hi, outer)`` from :func:`geometry`.
     fill: ``constant`` / ``border_mean`` (neighbours outside the image take
-      ``fill_value``) or ``reflect``.
-    fill_value: (C,) colour for points outside the image.
-    axis_aligned: the matrix has no rotation (static); then the warp is done
-      as two small matrix products, much cheaper than a gather.
+      ``fill_value``) or ``reflect`` (half-sample symmetric).
+    fill_value: (C,) or scalar colour for points outside the image.
+    rotates: static; False when ``outer`` is the identity. Then the warp is
+      axis-aligned and done as two small matrix products, much cheaper than a
+      gather.
 
   Returns:
     (H, W, C) float32.
   """
   height, width, _ = image.shape
+  inner, lo, hi, outer = geom
   reflect = fill == "reflect"
-  if axis_aligned:
-    ys = matrix[1, 1] * jnp.arange(height, dtype=jnp.float32) + matrix[1, 2]
-    xs = matrix[0, 0] * jnp.arange(width, dtype=jnp.float32) + matrix[0, 2]
-    if reflect:
-      ys, xs = _reflect_coord(ys, height), _reflect_coord(xs, width)
+  if not rotates:
+    # Crop and flips only: source coordinates are separable and inside the
+    # image, so no fill is needed.
+    xs = inner[0, 0] * jnp.arange(width, dtype=jnp.float32) + inner[0, 2]
+    ys = inner[1, 1] * jnp.arange(height, dtype=jnp.float32) + inner[1, 2]
+    xs = jnp.clip(xs, lo[0], hi[0])
+    ys = jnp.clip(ys, lo[1], hi[1])
     # Bilinear weights as a tent: w[o, k] = max(0, 1 - |s_o - k|).
     wy = jnp.maximum(0.0, 1.0 - jnp.abs(ys[:, None] - jnp.arange(height)))
     wx = jnp.maximum(0.0, 1.0 - jnp.abs(xs[:, None] - jnp.arange(width)))
-    out = jnp.einsum("oh,hwc,pw->opc", wy, image, wx,
-                     precision=jax.lax.Precision.HIGHEST)
-    if not reflect:
-      inside = wy.sum(1)[:, None, None] * wx.sum(1)[None, :, None]
-      out = out + (1.0 - inside) * fill_value
-    return out
+    return jnp.einsum("oh,hwc,pw->opc", wy, image, wx,
+                      precision=jax.lax.Precision.HIGHEST)
 
   yy, xx = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
                         jnp.arange(width, dtype=jnp.float32), indexing="ij")
-  sx = matrix[0, 0] * xx + matrix[0, 1] * yy + matrix[0, 2]
-  sy = matrix[1, 0] * xx + matrix[1, 1] * yy + matrix[1, 2]
+  cx = jnp.clip(inner[0, 0] * xx + inner[0, 2], lo[0], hi[0])
+  cy = jnp.clip(inner[1, 1] * yy + inner[1, 2], lo[1], hi[1])
+  sx = outer[0, 0] * cx + outer[0, 1] * cy + outer[0, 2]
+  sy = outer[1, 0] * cx + outer[1, 1] * cy + outer[1, 2]
   if reflect:
     sx, sy = _reflect_coord(sx, width), _reflect_coord(sy, height)
   x0, y0 = jnp.floor(sx), jnp.floor(sy)
   fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
   x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+  fill_value = jnp.asarray(fill_value, jnp.float32)
 
   def tap(y, x):
     inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
@@ -443,7 +470,7 @@ def adjust_hue(image, shift):
   return hsv_to_rgb(hsv)
 
 
-def color_jitter(key, image, cfg, apply):
+def color_jitter(u, image, cfg):
   """ColorJitter with its four ops in a random order (torchvision semantics).
 
   Factors are uniform in [max(0, 1 - x), 1 + x] for brightness, contrast and
@@ -452,21 +479,28 @@ def color_jitter(key, image, cfg, apply):
   the three are applied through one blend whose target is chosen per slot;
   the hue op runs once, between the blends that precede and follow it in the
   sampled order.
-  """
-  k_perm, kb, kc, ks, kh = jax.random.split(key, 5)
 
-  def factor(k, x):
+  Args:
+    u: (9,) independent U(0, 1) draws: apply, brightness, contrast,
+      saturation, hue, and 4 for the order.
+    image: (H, W, C) float32 in [0, 1].
+    cfg: the dict from :func:`resolve`.
+  """
+  apply = u[0] < cfg["jitter_p"]
+
+  def factor(v, x):
     if x <= 0:
       return jnp.ones(())
-    f = jax.random.uniform(k, minval=max(0.0, 1.0 - x), maxval=1.0 + x)
-    return jnp.where(apply, f, 1.0)
+    lo = max(0.0, 1.0 - x)
+    return jnp.where(apply, lo + (1.0 + x - lo) * v, 1.0)
 
-  factors = jnp.stack([factor(kb, cfg["brightness"]),
-                       factor(kc, cfg["contrast"]),
-                       factor(ks, cfg["saturation"])])
+  factors = jnp.stack([factor(u[1], cfg["brightness"]),
+                       factor(u[2], cfg["contrast"]),
+                       factor(u[3], cfg["saturation"])])
   use_hue = cfg["hue"] > 0 and image.shape[-1] == 3
-  # Random order of the ops 0..3 (3 = hue), as torch.randperm(4).
-  perm = jax.random.permutation(k_perm, 4)
+  # Random order of the ops 0..3 (3 = hue), as torch.randperm(4): the ranks
+  # of four independent uniforms are a uniform permutation.
+  perm = jnp.argsort(u[5:9])
   hue_pos = jnp.argmax(perm == 3)
   # The three blend ops in the order they occur, and how many precede hue.
   blend_order = perm[jnp.argsort((perm == 3).astype(jnp.int32), stable=True)][:3]
@@ -487,7 +521,7 @@ def color_jitter(key, image, cfg, apply):
   if not use_hue:
     return blends(image, jnp.ones((3,), bool))
   image = blends(image, slots < hue_pos)
-  shift = jax.random.uniform(kh, minval=-cfg["hue"], maxval=cfg["hue"])
+  shift = cfg["hue"] * (2.0 * u[4] - 1.0)
   image = jnp.where(apply, adjust_hue(image, shift), image)
   return blends(image, slots >= hue_pos)
 
@@ -555,35 +589,35 @@ def augment_image(key, image, cfg):
     (H, W, C) float32 in [0, 1].
   """
   height, width, channels = image.shape
-  k_geo, k_jit, k_jitp, k_gray, k_blur, k_blurp, k_sol = jax.random.split(key, 7)
+  # One draw of every uniform this view needs (one hash call compiles much
+  # faster than a dozen split/uniform calls; the numbers are as independent).
+  u = jax.random.uniform(key, (_N_UNIFORMS,))
 
-  rotates = cfg["rot90_p"] > 0 or (cfg["rotate_p"] > 0 and
-                                   cfg["rotate_degrees"] > 0)
+  rotates = _rotates(cfg)
   if cfg["crop_p"] > 0 or cfg["hflip_p"] > 0 or cfg["vflip_p"] > 0 or rotates:
-    matrix = sample_geometry(k_geo, height, width, cfg)
-    image = warp_affine(image, matrix, cfg["fill"],
-                        _fill_colour(cfg, channels), axis_aligned=not rotates)
+    geom = sample_geometry(u[0:29], height, width, cfg)
+    image = warp(image, geom, cfg["fill"], _fill_colour(cfg, channels),
+                 rotates=rotates)
 
   if cfg["jitter_p"] > 0 and (cfg["brightness"] > 0 or cfg["contrast"] > 0 or
                               cfg["saturation"] > 0 or cfg["hue"] > 0):
-    apply = jax.random.uniform(k_jitp) < cfg["jitter_p"]
-    image = color_jitter(k_jit, image, cfg, apply)
+    image = color_jitter(u[29:38], image, cfg)
 
   if cfg["grayscale_p"] > 0 and channels == 3:
-    gray = jax.random.uniform(k_gray) < cfg["grayscale_p"]
+    gray = u[38] < cfg["grayscale_p"]
     image = jnp.where(gray, jnp.broadcast_to(rgb_to_gray(image), image.shape),
                       image)
 
   if cfg["blur_p"] > 0:
     lo, hi = cfg["blur_sigma"]
     radius = max(1, min(int(math.ceil(3.0 * hi)), max(height, width) - 1))
-    sigma = jax.random.uniform(k_blur, minval=lo, maxval=hi)
+    sigma = lo + (hi - lo) * u[39]
     blurred = gaussian_blur(image, sigma, radius)
-    image = jnp.where(jax.random.uniform(k_blurp) < cfg["blur_p"], blurred,
+    image = jnp.where(u[40] < cfg["blur_p"], blurred,
                       image)
 
   if cfg["solarize_p"] > 0:
-    sol = jax.random.uniform(k_sol) < cfg["solarize_p"]
+    sol = u[41] < cfg["solarize_p"]
     image = jnp.where(sol, solarize(image, cfg["solarize_threshold"]), image)
   return image
 
