@@ -7,8 +7,13 @@ from jaxembed.models.registry import NATURAL_IMAGE_SIZE
 from jaxembed.models.registry import backbone_kwargs
 from jaxembed.models.registry import create_backbone
 from jaxembed.models.registry import create_model
+from jaxembed.models.torch_import import convert_state_dict
+from jaxembed.models.torch_import import load_pretrained
+from jaxembed.models.torch_import import load_torch_state_dict
+from jaxembed.models.torch_import import read_state_dict
 
 __all__ = [
     "BACKBONES", "NATURAL_IMAGE_SIZE", "Projector", "TSimCNEModel", "backbone_kwargs",
-    "create_backbone", "create_model",
+    "convert_state_dict", "create_backbone", "create_model",
+    "load_pretrained", "load_torch_state_dict", "read_state_dict",
 ]

@@ -2,6 +2,7 @@
 
 from typing import Any, Callable, Dict
 
+from jaxembed.models import efficientnet
 from jaxembed.models import heads
 from jaxembed.models import resnet
 
@@ -11,11 +12,16 @@ BACKBONES: Dict[str, Callable[..., Any]] = {
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
     "resnet_tiny": resnet.resnet_tiny,
+    "efficientnet_b0": efficientnet.efficientnet_b0,
+    "efficientnet_b1": efficientnet.efficientnet_b1,
+    "efficientnet_b2": efficientnet.efficientnet_b2,
+    "efficientnet_b3": efficientnet.efficientnet_b3,
 }
 
 # Input size each backbone was designed for (benchmarks; the models accept any size).
 NATURAL_IMAGE_SIZE: Dict[str, int] = {
     "resnet18": 224, "resnet34": 224, "resnet50": 224, "resnet_tiny": 32,
+    **{name: scaling[2] for name, scaling in efficientnet.COMPOUND_SCALING.items()},
 }
 
 
