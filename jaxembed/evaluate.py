@@ -24,6 +24,18 @@ _DIRECT_MAX_DIM = 16
 # Budget for the (chunk x n) float32 blocks of one device, in bytes.
 _BLOCK_BYTES = 64 * 2**20
 
+# Leaf search (see _leaf_knn), used for points of at most _LEAF_MAX_DIM
+# dimensions and more than _LEAF_MIN_POINTS reference points: leaves of
+# _LEAF_SIZE points at most, about _LEAF_CANDIDATES candidates per query,
+# _LEAF_BOUND_LEAVES leaves beyond those for the exactness bound, and
+# _LEAF_GROUP query leaves per device and step.
+_LEAF_MAX_DIM = 3
+_LEAF_MIN_POINTS = 2048
+_LEAF_SIZE = 32
+_LEAF_CANDIDATES = 512
+_LEAF_GROUP = 64
+_LEAF_BOUND_LEAVES = 16
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -92,8 +104,9 @@ def _chunk_rows(n_ref, n_query, n_devices, chunk_size):
     chunk_size = per_device * n_devices
   elif isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
-  # No point in chunks larger than the (padded) query set.
-  chunk_size = min(int(chunk_size), -(-n_query // n_devices) * n_devices)
+  # No point in chunks much larger than the query set; powers of two keep
+  # the number of distinct shapes, and so of compilations, small.
+  chunk_size = min(int(chunk_size), n_devices * 2**int(np.ceil(np.log2(-(-n_query // n_devices)))))
   return -(-chunk_size // n_devices) * n_devices
 
 
@@ -135,7 +148,7 @@ def _gram_sq_dists(q, r):
 
 @functools.partial(jax.jit, static_argnames=("k", "exclude_self"))
 def _knn_chunk(q, q_index, ref, k, exclude_self):
-  """Indices (m, k) of the k nearest rows of `ref` to each row of `q`.
+  """Indices (m, k) of the k nearest rows of `ref` to each row of `q` (float32).
 
   Args:
     q: (m, d) queries.
@@ -145,42 +158,103 @@ def _knn_chunk(q, q_index, ref, k, exclude_self):
     exclude_self: whether ref[q_index[i]] is excluded for query i.
   """
   n, d = ref.shape
-  if d <= _DIRECT_MAX_DIM:
-    d2 = _direct_sq_dists(q, ref)
-    kk = k
-  else:
-    d2 = _gram_sq_dists(q, ref)
-    kk = min(n, 2 * k + 8)  # Candidates to re-rank with exact distances.
+  d2 = _direct_sq_dists(q, ref) if d <= _DIRECT_MAX_DIM else _gram_sq_dists(q, ref)
   if exclude_self:
     d2 = jnp.where(jnp.arange(n)[None, :] == q_index[:, None], jnp.inf, d2)
-  _, idx = jax.lax.top_k(-d2, kk)
-  if kk != k:
-    cand = ref[idx]  # (m, kk, d)
-    diff = cand - q[:, None, :]
-    exact = jnp.sum(diff * diff, axis=-1)
+  return jax.lax.top_k(-d2, k)[1]
+
+
+def _box_sq_dists(a_lo, a_hi, b_lo, b_hi):
+  """Squared distances between boxes whose (..., d) corners broadcast.
+
+  A loop over the few dimensions, not a reduction over a minor axis of size
+  d, which XLA:CPU vectorises poorly.
+  """
+  out = None
+  for j in range(a_lo.shape[-1]):
+    gap = jnp.maximum(0.0, jnp.maximum(b_lo[..., j] - a_hi[..., j], a_lo[..., j] - b_hi[..., j]))
+    out = gap * gap if out is None else out + gap * gap
+  return out
+
+
+@functools.partial(
+    jax.jit, static_argnames=("k", "k_out", "n_search", "n_bound", "exclude_self"))
+def _leaf_knn(q, q_index, q_lo, q_hi, ref, ref_index, ref_lo, ref_hi, k, k_out,
+              n_search, n_bound, exclude_self):
+  """kNN of groups of nearby queries among the nearest leaves (see _leaves).
+
+  For every query leaf, the `n_search` reference leaves whose bounding boxes
+  come closest to the query leaf's box are searched exhaustively. The k-th
+  neighbour of a query is certified exact when it is nearer than every
+  unsearched point could be: nearer than the point-to-box distance of the
+  next `n_bound` leaves and than the box-to-box distance of the leaf after
+  them. Uncertified queries are redone by brute force by the caller.
+
+  Args:
+    q: (n_chunks, G, Q, d) query leaves; ref: (L, B, d) reference leaves.
+    q_index, ref_index: (n_chunks, G, Q) and (L, B) point indices, -1 for
+      padding (q_index is the index within ref when exclude_self).
+    q_lo, q_hi: (n_chunks, G, d) query leaf boxes; ref_lo, ref_hi: (L, d).
+    k: neighbours that must be certified.
+    k_out: candidates returned per query (>= k), nearest first.
+    n_search: reference leaves searched per query leaf.
+    n_bound: further leaves whose point-to-box distances bound the rest.
+    exclude_self: whether ref point q_index is excluded for its query.
+
+  Returns:
+    (n_chunks, G, Q, k_out) neighbour indices into ref (-1 where there are
+    fewer candidates) and (n_chunks, G, Q) booleans: certified or not.
+  """
+  n_leaves, _, d = ref.shape
+
+  def one(args):
+    q, qi, qlo, qhi = args
+    g, nq, _ = q.shape
+    lb2 = _box_sq_dists(qlo[:, None], qhi[:, None], ref_lo[None], ref_hi[None])  # (G, L)
+    n_rank = min(n_leaves, n_search + n_bound + 1)
+    neg, ranked = jax.lax.top_k(-lb2, n_rank)
+    blocks = ranked[:, :n_search]
+    # Bound on the squared distance of every unsearched point, per query.
+    if n_rank < n_leaves:
+      bound = jnp.broadcast_to(-neg[:, -1:], (g, nq))
+      nxt = ranked[:, n_search:-1]
+    else:
+      bound = jnp.full((g, nq), jnp.inf)
+      nxt = ranked[:, n_search:]
+    if nxt.shape[1]:
+      lo, hi = ref_lo[nxt], ref_hi[nxt]  # (G, E, d)
+      point_box = _box_sq_dists(q[:, :, None], q[:, :, None], lo[:, None], hi[:, None])
+      bound = jnp.minimum(bound, jnp.min(point_box, axis=-1))
+    cand = ref[blocks].reshape(g, -1, d)
+    cidx = ref_index[blocks].reshape(g, 1, -1)
+    d2 = None
+    for j in range(d):
+      diff = q[:, :, None, j] - cand[:, None, :, j]
+      d2 = diff * diff if d2 is None else d2 + diff * diff
+    invalid = cidx < 0
     if exclude_self:
-      exact = jnp.where(idx == q_index[:, None], jnp.inf, exact)
-    _, order = jax.lax.top_k(-exact, k)
-    idx = jnp.take_along_axis(idx, order, axis=1)
-  return idx
+      invalid = invalid | (cidx == qi[:, :, None])
+    d2 = jnp.where(invalid, jnp.inf, d2)
+    # Rank-2 operands keep XLA:CPU on its TopK kernel instead of a full sort.
+    neg_d2, pos = jax.lax.top_k(-d2.reshape(g * nq, -1), k_out)
+    neg_d2, pos = neg_d2.reshape(g, nq, k_out), pos.reshape(g, nq, k_out)
+    nn = jnp.take_along_axis(jnp.broadcast_to(cidx, d2.shape), pos, axis=-1)
+    nn = jnp.where(jnp.isinf(neg_d2), -1, nn)
+    # A small relative margin absorbs float32 rounding of both sides.
+    ok = -neg_d2[..., k - 1] < bound * (1.0 - 1e-5)
+    return nn, ok
+
+  return jax.lax.map(one, (q, q_index, q_lo, q_hi))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "n_classes"))
-def _knn_predict_chunk(q, ref, ref_codes, k, n_classes):
-  """Majority vote of the k nearest neighbours; ties go to the smallest class."""
-  idx = _knn_chunk(q, jnp.zeros(q.shape[0], jnp.int32), ref, k, False)
-  votes = jnp.sum(jax.nn.one_hot(ref_codes[idx], n_classes, dtype=jnp.int32), axis=1)
-  return jnp.argmax(votes, axis=1)  # First maximum, as np.argmax in sklearn.
-
-
-@functools.partial(jax.jit, static_argnames=("block",))
 def _cluster_distance_sums(q, q_index, ref, onehot, block):
   """Sum of distances from each query to the members of each cluster.
 
   The reference set is walked in blocks of `block` columns; per block, the
   (m, block) distance matrix is reduced by cluster with a matmul against the
-  one-hot label matrix (block, C), and block partials are accumulated with
-  Kahan compensation so that sums over 10^5-10^6 points keep float32 accuracy.
+  one-hot label matrix (block, C), which turns the segment sum into a GEMM,
+  and block partials are accumulated with Kahan compensation so that sums
+  over 10^5-10^6 points keep float32 accuracy.
 
   Args:
     q: (m, d) queries.
@@ -209,6 +283,7 @@ def _cluster_distance_sums(q, q_index, ref, onehot, block):
       # The expansion leaves a rounding residue on the self-distance.
       cols = start + jnp.arange(block)
       d2 = jnp.where(cols[None, :] == q_index[:, None], 0.0, d2)
+    # HIGHEST: a TF32 matmul on GPUs would round the distances to 10 bits.
     part = jnp.dot(jnp.sqrt(d2), oh, precision=_HIGHEST)
     y = part - comp
     t = total + y
@@ -218,6 +293,14 @@ def _cluster_distance_sums(q, q_index, ref, onehot, block):
   zeros = jnp.zeros((q.shape[0], n_classes), jnp.float32)
   (total, _), _ = jax.lax.scan(body, (zeros, zeros), (ref_blocks, oh_blocks, starts))
   return total
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _all_cluster_distance_sums(queries, query_index, ref, onehot, block):
+  """_cluster_distance_sums over (n_chunks, chunk, d) queries, chunk by chunk."""
+  return jax.lax.map(
+      lambda args: _cluster_distance_sums(args[0], args[1], ref, onehot, block),
+      (queries, query_index))
 
 
 # ----------------------------------------------------------------------------
@@ -249,18 +332,14 @@ def knn_predict(train_x, train_y, test_x, k=15, *, chunk_size=None):
         f"train_x has {train_x.shape[1]} dimensions but test_x has {test_x.shape[1]}.")
   k = _check_k(k, train_x.shape[0], "train points")
   classes, codes = np.unique(train_y, return_inverse=True)
-  # Centring does not change distances but shrinks the norms, and with them
-  # the rounding error of the matmul expansion used in high dimensions.
   centre = train_x.mean(axis=0)
-  mesh = _mesh()
-  ref = _replicated(train_x - centre, mesh)
-  ref_codes = _replicated(codes.astype(np.int32), mesh)
-  chunk = _chunk_rows(train_x.shape[0], test_x.shape[0], mesh.size, chunk_size)
-  preds = np.empty(test_x.shape[0], np.int64)
-  for start, q in _query_chunks(test_x - centre, chunk, mesh):
-    out = _knn_predict_chunk(q, ref, ref_codes, k=k, n_classes=len(classes))
-    stop = min(start + chunk, test_x.shape[0])
-    preds[start:stop] = np.asarray(out)[:stop - start]
+  nn = _nearest(test_x - centre, train_x - centre, k, None, chunk_size)
+  # Majority vote; np.argmax takes the first maximum, i.e. the smallest
+  # class among tied counts, as KNeighborsClassifier does.
+  n_classes = len(classes)
+  flat = (np.arange(nn.shape[0])[:, None] * n_classes + codes[nn]).ravel()
+  votes = np.bincount(flat, minlength=nn.shape[0] * n_classes)
+  preds = np.argmax(votes.reshape(nn.shape[0], n_classes), axis=1)
   return classes[preds].astype(train_y_in.dtype, copy=False)
 
 
@@ -321,29 +400,43 @@ def silhouette_score(x, labels, *, chunk_size=None):
   return _silhouette_from_sums(sums, codes, counts)
 
 
+def _tile_sizes():
+  """(query rows per device and chunk, reference columns per block).
+
+  On a CPU a 2048 x 2048 float32 block (16 MiB) stays near the caches and
+  keeps both the distance pass and the matmul busy; accelerators want larger
+  tiles to fill the chip.
+  """
+  if jax.devices()[0].platform == "cpu":
+    return 2048, 2048
+  return 8192, 8192
+
+
 def _cluster_sums(x, codes, n_classes, chunk_size):
   """(n, C) float64 sums of distances from every point to every cluster."""
-  n, _ = x.shape
+  n, d = x.shape
   mesh = _mesh()
+  rows, block = _tile_sizes()
+  if chunk_size is None:
+    chunk_size = rows * mesh.size
   chunk = _chunk_rows(n, n, mesh.size, chunk_size)
-  # Column blocks small enough to stay in cache on a CPU, large enough to
-  # amortise the per-block matmul.
-  block = min(2048, -(-n // 8) * 8)
+  block = min(block, -(-n // 8) * 8)
   n_pad = -(-n // block) * block
-  ref = np.zeros((n_pad, x.shape[1]), np.float32)
+  ref = np.zeros((n_pad, d), np.float32)
   ref[:n] = x
   onehot = np.zeros((n_pad, n_classes), np.float32)
   onehot[np.arange(n), codes] = 1.0
-  ref_d = _replicated(ref, mesh)
-  onehot_d = _replicated(onehot, mesh)
-  index = np.arange(n, dtype=np.int32)[:, None]
-  sums = np.empty((n, n_classes), np.float64)
-  for (start, q), (_, qi) in zip(_query_chunks(x, chunk, mesh),
-                                 _query_chunks(index, chunk, mesh)):
-    out = _cluster_distance_sums(q, qi[:, 0], ref_d, onehot_d, block=block)
-    stop = min(start + chunk, n)
-    sums[start:stop] = np.asarray(out)[:stop - start]
-  return sums
+  n_chunks = -(-n // chunk)
+  queries = np.zeros((n_chunks * chunk, d), np.float32)
+  queries[:n] = x
+  index = np.arange(n_chunks * chunk, dtype=np.int32)
+  # Each device takes its share of the rows of every chunk.
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+  out = _all_cluster_distance_sums(
+      jax.device_put(queries.reshape(n_chunks, chunk, d), sharded),
+      jax.device_put(index.reshape(n_chunks, chunk), sharded),
+      _replicated(ref, mesh), _replicated(onehot, mesh), block=block)
+  return np.asarray(out, np.float64).reshape(-1, n_classes)[:n]
 
 
 def _silhouette_from_sums(sums, codes, counts):
@@ -399,15 +492,134 @@ def neighbourhood_preservation(high_x, low_x, k=15, *, chunk_size=None):
 
 def _neighbours(x, k, chunk_size):
   """(n, k) indices of the k nearest other points of every point."""
-  n = x.shape[0]
+  return _nearest(x, x, k, np.arange(x.shape[0]), chunk_size)
+
+
+def _nearest(queries, ref, k, query_index, chunk_size):
+  """(m, k) indices of the k nearest rows of `ref` to each query, nearest first.
+
+  Candidates are found in float32 on the devices: low-dimensional points by
+  the leaf search, with brute force for the queries it cannot certify,
+  others by brute force alone. A few more candidates than k are kept and
+  re-ranked by float64 distances on the host, as scikit-learn computes them,
+  so that float32 rounding does not reorder near-equal neighbours.
+  If `query_index` is given, query i is ref[query_index[i]] and excluded.
+  """
+  n_ref, d = ref.shape
+  available = n_ref - (query_index is not None)
+  # The matmul expansion of high dimensions is less exact: keep more.
+  k_out = min(available, k + 8 if d <= _DIRECT_MAX_DIM else 2 * k + 8)
+  if d > _LEAF_MAX_DIM or n_ref <= _LEAF_MIN_POINTS:
+    cand = _brute_nearest(queries, query_index, ref, k_out, chunk_size)
+  else:
+    cand, ok = _leaf_nearest(queries, query_index, ref, k, k_out)
+    redo = np.flatnonzero(~ok)
+    if redo.size:
+      cand[redo] = _brute_nearest(
+          queries[redo], None if query_index is None else query_index[redo], ref,
+          k_out, chunk_size)
+  return _rerank(queries, ref, cand, k, query_index)
+
+
+def _rerank(queries, ref, cand, k, query_index):
+  """The k nearest of the candidate indices by float64 distances."""
+  out = np.empty((cand.shape[0], k), np.int64)
+  step = max(1, 2**22 // (cand.shape[1] * ref.shape[1]))  # bounded host memory
+  for start in range(0, cand.shape[0], step):
+    c = cand[start:start + step]
+    q = queries[start:start + step].astype(np.float64)
+    d2 = np.sum((ref[np.maximum(c, 0)].astype(np.float64) - q[:, None, :]) ** 2, axis=-1)
+    bad = c < 0
+    if query_index is not None:
+      bad |= c == np.asarray(query_index)[start:start + step, None]
+    d2[bad] = np.inf
+    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    out[start:start + step] = np.take_along_axis(c, order, axis=1)
+  return out
+
+
+def _brute_nearest(queries, query_index, ref, k, chunk_size):
+  """Exact kNN by chunks of (chunk x n_ref) float32 distances; see _nearest."""
+  m = queries.shape[0]
   mesh = _mesh()
-  chunk = _chunk_rows(n, n, mesh.size, chunk_size)
-  ref = _replicated(x, mesh)
-  index = np.arange(n, dtype=np.int32)[:, None]
-  out = np.empty((n, k), np.int64)
-  for (start, q), (_, qi) in zip(_query_chunks(x, chunk, mesh),
+  chunk = _chunk_rows(ref.shape[0], m, mesh.size, chunk_size)
+  ref_d = _replicated(ref, mesh)
+  exclude_self = query_index is not None
+  index = (np.zeros(m, np.int32) if query_index is None
+           else np.asarray(query_index, np.int32))[:, None]
+  out = np.empty((m, k), np.int64)
+  for (start, q), (_, qi) in zip(_query_chunks(queries, chunk, mesh),
                                  _query_chunks(index, chunk, mesh)):
-    idx = _knn_chunk(q, qi[:, 0], ref, k=k, exclude_self=True)
-    stop = min(start + chunk, n)
+    idx = _knn_chunk(q, qi[:, 0], ref_d, k=k, exclude_self=exclude_self)
+    stop = min(start + chunk, m)
     out[start:stop] = np.asarray(idx)[:stop - start]
   return out
+
+
+def _leaves(x, size):
+  """Packs points into leaves of `size` nearby points (sort-tile-recursive).
+
+  The points are sorted along the first dimension and cut into slabs of
+  equal count, each slab is sorted along the second dimension and cut again,
+  and so on; runs of `size` consecutive points then form leaves with compact
+  bounding boxes. It costs d sorts, far less than a k-d tree.
+
+  Returns:
+    points (L, size, d) float32, index (L, size) int32 with -1 for padding,
+    and the leaf boxes lo, hi (L, d).
+  """
+  n, d = x.shape
+  n_leaves = -(-n // size)
+  per_dim = int(np.ceil(n_leaves ** (1.0 / d) - 1e-9))
+  leaf_of = np.arange(n) // size  # leaf of each sorted position
+  order = np.argsort(x[:, 0], kind="stable")
+  for j in range(1, d):
+    slab = leaf_of // per_dim ** (d - j)
+    order = order[np.lexsort((x[order, j], slab))]
+  points = np.zeros((n_leaves * size, d), np.float32)
+  points[:n] = x[order]
+  index = np.full(n_leaves * size, -1, np.int32)
+  index[:n] = order
+  starts = np.arange(n_leaves) * size
+  lo = np.minimum.reduceat(x[order], starts, axis=0)
+  hi = np.maximum.reduceat(x[order], starts, axis=0)
+  return points.reshape(n_leaves, size, d), index.reshape(n_leaves, size), lo, hi
+
+
+def _leaf_nearest(queries, query_index, ref, k, k_out):
+  """Leaf kNN (see _leaf_knn): (m, k_out) indices, (m,) certified flags."""
+  m, d = queries.shape
+  mesh = _mesh()
+  ref_pts, ref_idx, ref_lo, ref_hi = _leaves(ref, _LEAF_SIZE)
+  q_pts, q_pos, q_lo, q_hi = _leaves(queries, _LEAF_SIZE)
+  q_idx = q_pos if query_index is None else np.where(
+      q_pos >= 0, np.asarray(query_index, np.int32)[np.maximum(q_pos, 0)], -1)
+  # Query leaves go in chunks of G per device; each device takes its share
+  # of the leaves of every chunk.
+  n_qleaves = q_pts.shape[0]
+  group = min(_LEAF_GROUP, -(-n_qleaves // mesh.size)) * mesh.size
+  n_chunks = -(-n_qleaves // group)
+  pad = n_chunks * group - n_qleaves
+
+  def chunked(a, fill):
+    a = np.concatenate([a, np.full((pad,) + a.shape[1:], fill, a.dtype)])
+    return jax.device_put(
+        a.reshape((n_chunks, group) + a.shape[1:]),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
+
+  leaf = ref_pts.shape[1]
+  n_search = min(-(-max(_LEAF_CANDIDATES, 4 * k_out) // leaf), ref_pts.shape[0])
+  nn, ok = _leaf_knn(
+      chunked(q_pts, 0), chunked(q_idx, -1), chunked(q_lo, 0), chunked(q_hi, 0),
+      _replicated(ref_pts, mesh), _replicated(ref_idx, mesh),
+      _replicated(ref_lo, mesh), _replicated(ref_hi, mesh),
+      k=k, k_out=k_out, n_search=n_search, n_bound=_LEAF_BOUND_LEAVES,
+      exclude_self=query_index is not None)
+  nn = np.asarray(nn).reshape(-1, q_pts.shape[1], k_out)[:n_qleaves]
+  ok = np.asarray(ok).reshape(-1, q_pts.shape[1])[:n_qleaves]
+  valid = q_pos >= 0
+  out = np.empty((m, k_out), np.int64)
+  out[q_pos[valid]] = nn[valid]
+  certified = np.empty(m, bool)
+  certified[q_pos[valid]] = ok[valid]
+  return out, certified

@@ -91,6 +91,35 @@ def test_knn_high_dim_near_neighbours_exact():
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kind", ["blobs", "outliers", "grid1d"])
+def test_knn_leaf_search_matches_sklearn(kind):
+  # Over 2048 reference points in <= 3 dimensions the leaf search runs, with
+  # brute force for the queries it cannot certify (e.g. far outliers).
+  rng = np.random.default_rng(7)
+  if kind == "blobs":
+    x, y = _blobs(6001, 2, 10, seed=1, offset=-2)
+  elif kind == "outliers":
+    x, y = _blobs(5003, 3, 4, seed=2)
+    x[:40] *= 50.0
+  else:
+    x = rng.uniform(size=(4500, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 4500)
+  perm = rng.permutation(len(x))
+  test, train = perm[:1000], perm[1000:]
+  got = evaluate.knn_predict(x[train], y[train], x[test], k=15)
+  want = neighbors.KNeighborsClassifier(15).fit(x[train], y[train]).predict(x[test])
+  np.testing.assert_array_equal(got, want)
+
+
+def test_leaf_neighbours_equal_sklearn_sets():
+  x, _ = _blobs(4097, 2, 6, seed=4)
+  x[:20] += 100.0  # a far-away group forces the brute-force fallback
+  got = evaluate._neighbours(x, 10, None)
+  want = neighbors.NearestNeighbors(n_neighbors=11).fit(x).kneighbors(
+      x, return_distance=False)[:, 1:]
+  np.testing.assert_array_equal(np.sort(got, 1), np.sort(want, 1))
+
+
 def test_knn_test_label_unseen_in_train_counts_as_error():
   train_x = np.array([[0.0], [1.0], [2.0]], np.float32)
   test_x = np.array([[0.1], [1.9]], np.float32)
@@ -138,18 +167,21 @@ def test_silhouette_duplicate_points():
   assert got == pytest.approx(metrics.silhouette_score(x, y), abs=1e-6)
 
 
-def test_silhouette_precise_on_many_points():
-  # 40k points far from the origin: float32 running sums over 40k distances
-  # would drift; compare with a float64 NumPy computation on a subset of rows.
-  x, y = _blobs(40_000, 2, 10, seed=3)
-  x = (x * 10.0 + 1000.0).astype(np.float32)
-  classes, codes = np.unique(y, return_inverse=True)
-  sums = evaluate._cluster_sums(x - x.mean(axis=0), codes, len(classes), None)
-  rows = np.random.default_rng(0).choice(len(x), 64, replace=False)
-  x64 = x.astype(np.float64)
-  dist = np.sqrt(((x64[rows, None, :] - x64[None, :, :]) ** 2).sum(-1))
-  want = np.stack([dist[:, codes == c].sum(1) for c in range(len(classes))], 1)
-  np.testing.assert_allclose(sums[rows], want, rtol=2e-6)
+def test_cluster_distance_sums_precise_over_a_million_points():
+  # Sums of 2^20 float32 distances: a sequential float32 sum is off by ~2e-5
+  # relative, plain float32 sums of the 512 block partials by ~8e-7; the
+  # Kahan-compensated block sums stay within 2e-7 of float64.
+  rng = np.random.default_rng(0)
+  n = 2**20
+  ref = (rng.normal(size=(n, 2)) * 10).astype(np.float32)
+  codes = rng.integers(0, 3, n)
+  onehot = np.eye(3, dtype=np.float32)[codes]
+  q = ref[:8]
+  kernel = jax.jit(evaluate._cluster_distance_sums, static_argnames="block")
+  got = np.asarray(kernel(q, np.arange(8), ref, onehot, block=2048))
+  dist = np.sqrt(((q[:, None].astype(np.float64) - ref[None]) ** 2).sum(-1))
+  want = np.stack([dist[:, codes == c].sum(1) for c in range(3)], 1)
+  np.testing.assert_allclose(got, want, rtol=2e-7)
 
 
 @pytest.mark.parametrize("labels,match", [
