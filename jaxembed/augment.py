@@ -446,19 +446,15 @@ def rgb_to_hsv(image):
 
 
 def hsv_to_rgb(hsv):
-  """Inverse of :func:`rgb_to_hsv`."""
-  h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-  h6 = jnp.mod(h, 1.0) * 6.0
-  i = jnp.floor(h6)
-  f = h6 - i
-  i = i.astype(jnp.int32) % 6
-  p = v * (1.0 - s)
-  q = v * (1.0 - s * f)
-  t = v * (1.0 - s * (1.0 - f))
-  r = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [v, q, p, p, t], v)
-  g = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [t, v, v, q, p], p)
-  b = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [p, p, t, v, v], q)
-  return jnp.stack([r, g, b], axis=-1)
+  """Inverse of :func:`rgb_to_hsv`.
+
+  Closed form of the six-sector formula: channel n in (R, G, B) = (5, 3, 1)
+  is v - v s clip(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6; it compiles
+  to far fewer ops than a select per sector.
+  """
+  h, s, v = hsv[..., :1], hsv[..., 1:2], hsv[..., 2:3]
+  k = jnp.mod(jnp.array([5.0, 3.0, 1.0]) + 6.0 * h, 6.0)
+  return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
 def adjust_hue(image, shift):
@@ -505,17 +501,22 @@ def color_jitter(u, image, cfg):
   # The three blend ops in the order they occur, and how many precede hue.
   blend_order = perm[jnp.argsort((perm == 3).astype(jnp.int32), stable=True)][:3]
 
+  is_contrast = (blend_order == 1).astype(jnp.float32)
+  is_saturation = (blend_order == 2).astype(jnp.float32)
+  if image.shape[-1] == 1:  # saturation is a no-op on gray images
+    factors = factors.at[2].set(1.0)
+
   def blends(img, active_slots):
-    for slot in range(3):
-      op = blend_order[slot]
-      f = jnp.where(active_slots[slot], factors[op], 1.0)
-      if image.shape[-1] == 1:  # saturation is a no-op on gray images
-        f = jnp.where(op == 2, 1.0, f)
+    # One blend per slot; its target (black, mean gray or gray image) is
+    # picked arithmetically. A loop keeps one copy of the body in the
+    # compiled program.
+    def body(slot, img):
+      f = jnp.where(active_slots[slot], factors[blend_order[slot]], 1.0)
       gray = rgb_to_gray(img)
-      target = jnp.where(op == 0, 0.0,
-                         jnp.where(op == 1, jnp.mean(gray), gray))
-      img = _blend(img, target, f)
-    return img
+      target = (is_contrast[slot] * jnp.mean(gray) +
+                is_saturation[slot] * gray)
+      return _blend(img, target, f)
+    return jax.lax.fori_loop(0, 3, body, img)
 
   slots = jnp.arange(3)
   if not use_hue:
