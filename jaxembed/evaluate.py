@@ -31,8 +31,9 @@ _BLOCK_BYTES = 64 * 2**20
 # _LEAF_GROUP query leaves per device and step.
 _LEAF_MAX_DIM = 3
 _LEAF_MIN_POINTS = 2048
-_LEAF_SIZE = 32
-_LEAF_CANDIDATES = 512
+_LEAF_SIZE = 64
+_QUERY_LEAF_SIZE = 32
+_LEAF_CANDIDATES = 768
 _LEAF_GROUP = 64
 _LEAF_BOUND_LEAVES = 16
 
@@ -225,11 +226,13 @@ def _leaf_knn(q, q_index, q_lo, q_hi, ref, ref_index, ref_lo, ref_hi, k, k_out,
       lo, hi = ref_lo[nxt], ref_hi[nxt]  # (G, E, d)
       point_box = _box_sq_dists(q[:, :, None], q[:, :, None], lo[:, None], hi[:, None])
       bound = jnp.minimum(bound, jnp.min(point_box, axis=-1))
-    cand = ref[blocks].reshape(g, -1, d)
+    # Candidates coordinate-major, (G, d, n_search * B), so that the distance
+    # loop below reads contiguous rows.
+    cand = jnp.moveaxis(ref[blocks], 3, 1).reshape(g, d, -1)
     cidx = ref_index[blocks].reshape(g, 1, -1)
     d2 = None
     for j in range(d):
-      diff = q[:, :, None, j] - cand[:, None, :, j]
+      diff = q[:, :, j, None] - cand[:, None, j, :]
       d2 = diff * diff if d2 is None else d2 + diff * diff
     invalid = cidx < 0
     if exclude_self:
@@ -591,7 +594,7 @@ def _leaf_nearest(queries, query_index, ref, k, k_out):
   m, d = queries.shape
   mesh = _mesh()
   ref_pts, ref_idx, ref_lo, ref_hi = _leaves(ref, _LEAF_SIZE)
-  q_pts, q_pos, q_lo, q_hi = _leaves(queries, _LEAF_SIZE)
+  q_pts, q_pos, q_lo, q_hi = _leaves(queries, _QUERY_LEAF_SIZE)
   q_idx = q_pos if query_index is None else np.where(
       q_pos >= 0, np.asarray(query_index, np.int32)[np.maximum(q_pos, 0)], -1)
   # Query leaves go in chunks of G per device; each device takes its share

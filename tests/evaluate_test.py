@@ -114,6 +114,8 @@ def test_knn_leaf_search_matches_sklearn(kind):
 def test_leaf_neighbours_equal_sklearn_sets():
   x, _ = _blobs(4097, 2, 6, seed=4)
   x[:20] += 100.0  # a far-away group forces the brute-force fallback
+  _, certified = evaluate._leaf_nearest(x, np.arange(len(x)), x, 10, 18)
+  assert 0.5 < certified.mean() < 1.0  # both paths are exercised
   got = evaluate._neighbours(x, 10, None)
   want = neighbors.NearestNeighbors(n_neighbors=11).fit(x).kneighbors(
       x, return_distance=False)[:, 1:]

@@ -1,0 +1,168 @@
+"""Benchmark: jaxembed.evaluate against scikit-learn, side by side in one run.
+
+For n 2D points in 10 Gaussian clusters it times
+  * silhouette_score(x, labels) against sklearn.metrics.silhouette_score,
+  * knn_accuracy(k=15) with a 5:1 train/test split against
+    KNeighborsClassifier(15).fit(...).score(...) (KD-tree for 2D data),
+and records each one's peak resident memory above the level before the call
+(sampled every 2 ms from /proc/self/statm). JAX times are of a second call,
+after compilation, unless noted. scikit-learn's silhouette is quadratic in
+time on one core and is only run up to --sklearn_silhouette_max points (it
+takes about a minute at 60k on this kind of machine).
+
+Prints a table and writes scripts/results/benchmark_eval.json.
+
+  python scripts/benchmark_eval.py [--sizes 10000,60000,200000] [--devices N]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import threading
+import time
+
+
+def _parse():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="10000,60000,200000",
+                      help="comma-separated numbers of points")
+  parser.add_argument("--sklearn_silhouette_max", type=int, default=60000,
+                      help="largest n at which sklearn's silhouette is timed")
+  parser.add_argument("--devices", type=int, default=0,
+                      help="if > 0, the number of XLA CPU devices to create")
+  parser.add_argument("--out", default=str(
+      pathlib.Path(__file__).resolve().parent / "results" / "benchmark_eval.json"))
+  return parser.parse_args()
+
+
+ARGS = _parse()
+if ARGS.devices > 0:  # Must happen before jax is imported.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={ARGS.devices}")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn import datasets  # noqa: E402
+from sklearn import metrics  # noqa: E402
+from sklearn import neighbors  # noqa: E402
+
+from jaxembed import evaluate  # noqa: E402
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss():
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * _PAGE
+
+
+def measure(fn):
+  """Runs fn(); returns (result, seconds, peak RSS increase in MiB)."""
+  base = _rss()
+  peak = [base]
+  done = threading.Event()
+
+  def sample():
+    while not done.is_set():
+      peak[0] = max(peak[0], _rss())
+      time.sleep(0.002)
+
+  thread = threading.Thread(target=sample, daemon=True)
+  thread.start()
+  start = time.perf_counter()
+  result = fn()
+  seconds = time.perf_counter() - start
+  done.set()
+  thread.join()
+  peak[0] = max(peak[0], _rss())
+  return result, seconds, (peak[0] - base) / 2**20
+
+
+def main():
+  sizes = [int(s) for s in ARGS.sizes.split(",")]
+  rows = []
+  for n in sizes:
+    x, y = datasets.make_blobs(n_samples=n, n_features=2, centers=10, cluster_std=2.0,
+                               random_state=0)
+    x = x.astype(np.float32)
+    n_test = n // 6
+    train_x, train_y, test_x, test_y = x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+    # Silhouette. At the largest sizes one call (with compilation) is timed.
+    first, t_first, _ = measure(lambda: evaluate.silhouette_score(x, y))
+    if n <= 60000:
+      ours, t_ours, m_ours = measure(lambda: evaluate.silhouette_score(x, y))
+      note = ""
+    else:
+      ours, t_ours, m_ours = first, t_first, float("nan")
+      note = "single call incl. compilation; memory not separated from compilation"
+    row = dict(n=n, metric="silhouette", jax_s=t_ours, jax_first_call_s=t_first,
+               jax_peak_mib=m_ours, jax_value=ours, note=note)
+    if n <= ARGS.sklearn_silhouette_max:
+      theirs, t_theirs, m_theirs = measure(lambda: metrics.silhouette_score(x, y))
+      row.update(sklearn_s=t_theirs, sklearn_peak_mib=m_theirs, sklearn_value=float(theirs),
+                 speedup=t_theirs / t_ours, abs_diff=abs(ours - theirs))
+    else:
+      row.update(sklearn_s=None, note=(note + "; " if note else "") +
+                 f"sklearn not timed above {ARGS.sklearn_silhouette_max} points")
+    rows.append(row)
+    _print_row(row)
+
+    # kNN accuracy, k=15 as in the paper.
+    def ours_knn():
+      return evaluate.knn_accuracy(train_x, train_y, test_x, test_y, k=15)
+
+    def sk_knn():
+      clf = neighbors.KNeighborsClassifier(n_neighbors=15)
+      return clf.fit(train_x, train_y).score(test_x, test_y)
+
+    _, t_first, _ = measure(ours_knn)
+    ours, t_ours, m_ours = measure(ours_knn)
+    theirs, t_theirs, m_theirs = measure(sk_knn)
+    row = dict(n=n, metric="knn_accuracy", n_train=n - n_test, n_test=n_test,
+               jax_s=t_ours, jax_first_call_s=t_first, jax_peak_mib=m_ours, jax_value=ours,
+               sklearn_s=t_theirs, sklearn_peak_mib=m_theirs, sklearn_value=theirs,
+               speedup=t_theirs / t_ours, abs_diff=abs(ours - theirs), note="")
+    rows.append(row)
+    _print_row(row)
+
+  result = dict(
+      benchmark="benchmark_eval",
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+      machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                   jax_backend=jax.default_backend(), jax_devices=jax.device_count(),
+                   device_kind=jax.devices()[0].device_kind),
+      versions=dict(jax=jax.__version__, numpy=np.__version__,
+                    sklearn=__import__("sklearn").__version__),
+      rows=rows)
+  out = pathlib.Path(ARGS.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  print(f"wrote {out}")
+
+
+_HEADER = False
+
+
+def _print_row(row):
+  global _HEADER
+  if not _HEADER:
+    print(f"{'n':>8} {'metric':<13} {'jax s':>8} {'1st s':>8} {'sk s':>8} {'ratio':>7} "
+          f"{'jax MiB':>8} {'sk MiB':>8} {'|diff|':>9}  note")
+    _HEADER = True
+  sk = row.get("sklearn_s")
+  fmt = lambda v, f: "-" if v is None or v != v else format(v, f)  # noqa: E731
+  print(f"{row['n']:>8} {row['metric']:<13} {row['jax_s']:>8.3f} "
+        f"{row['jax_first_call_s']:>8.3f} {fmt(sk, '8.3f'):>8} "
+        f"{fmt(row.get('speedup'), '7.1f'):>7} {fmt(row['jax_peak_mib'], '8.1f'):>8} "
+        f"{fmt(row.get('sklearn_peak_mib'), '8.1f'):>8} "
+        f"{fmt(row.get('abs_diff'), '9.2e'):>9}  {row['note']}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
