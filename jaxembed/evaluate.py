@@ -335,8 +335,7 @@ def knn_predict(train_x, train_y, test_x, k=15, *, chunk_size=None):
         f"train_x has {train_x.shape[1]} dimensions but test_x has {test_x.shape[1]}.")
   k = _check_k(k, train_x.shape[0], "train points")
   classes, codes = np.unique(train_y, return_inverse=True)
-  centre = train_x.mean(axis=0)
-  nn = _nearest(test_x - centre, train_x - centre, k, None, chunk_size)
+  nn = _nearest(test_x, train_x, k, None, chunk_size)
   # Majority vote; np.argmax takes the first maximum, i.e. the smallest
   # class among tied counts, as KNeighborsClassifier does.
   n_classes = len(classes)
@@ -399,7 +398,11 @@ def silhouette_score(x, labels, *, chunk_size=None):
         f"silhouette_score needs between 2 and n_points - 1 = {n - 1} distinct "
         f"labels, got {n_classes}.")
   counts = np.bincount(codes, minlength=n_classes)
-  sums = _cluster_sums(x - x.mean(axis=0), codes, n_classes, chunk_size)
+  if x.shape[1] > _DIRECT_MAX_DIM:
+    # Centring shrinks the norms, and so the rounding error of the matmul
+    # expansion; the direct differences of low dimensions need no help.
+    x = x - x.mean(axis=0)
+  sums = _cluster_sums(x, codes, n_classes, chunk_size)
   return _silhouette_from_sums(sums, codes, counts)
 
 
@@ -483,8 +486,8 @@ def neighbourhood_preservation(high_x, low_x, k=15, *, chunk_size=None):
         f"high_x has {n} points but low_x has {low_x.shape[0]}; they must be "
         "the same points in the same order.")
   k = _check_k(k, n - 1, "other points")
-  high_nn = _neighbours(high_x - high_x.mean(axis=0), k, chunk_size)
-  low_nn = _neighbours(low_x - low_x.mean(axis=0), k, chunk_size)
+  high_nn = _neighbours(high_x, k, chunk_size)
+  low_nn = _neighbours(low_x, k, chunk_size)
   kept = 0
   for start in range(0, n, 4096):  # Bounded memory for the k x k comparison.
     h = high_nn[start:start + 4096]
@@ -513,7 +516,12 @@ def _nearest(queries, ref, k, query_index, chunk_size):
   # The matmul expansion of high dimensions is less exact: keep more.
   k_out = min(available, k + 8 if d <= _DIRECT_MAX_DIM else 2 * k + 8)
   if d > _LEAF_MAX_DIM or n_ref <= _LEAF_MIN_POINTS:
-    cand = _brute_nearest(queries, query_index, ref, k_out, chunk_size)
+    if d > _DIRECT_MAX_DIM:
+      # Centring shrinks the norms, and so the expansion's rounding error.
+      centre = ref.mean(axis=0)
+      cand = _brute_nearest(queries - centre, query_index, ref - centre, k_out, chunk_size)
+    else:
+      cand = _brute_nearest(queries, query_index, ref, k_out, chunk_size)
   else:
     cand, ok = _leaf_nearest(queries, query_index, ref, k, k_out)
     redo = np.flatnonzero(~ok)
