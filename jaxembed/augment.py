@@ -90,6 +90,8 @@ FIELDS = tuple(_TSIMCNE)
 FILLS = ("constant", "border_mean", "reflect")
 # Uniform draws per view: 29 geometry, 9 jitter, grayscale, blur (2), solarise.
 _N_UNIFORMS = 42
+# Largest side for which an axis-aligned warp uses matrix products.
+_SEPARABLE_MAX = 64
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -354,8 +356,9 @@ def warp(image, geom, fill="constant", fill_value=0.0, rotates=True):
       ``fill_value``) or ``reflect`` (half-sample symmetric).
     fill_value: (C,) or scalar colour for points outside the image.
     rotates: static; False when ``outer`` is the identity. Then the warp is
-      axis-aligned and done as two small matrix products, much cheaper than a
-      gather.
+      axis-aligned, and for images up to 64 px it is done as two small matrix
+      products, cheaper than a gather (above that the O(H^2 W) products cost
+      more than the four-tap gather). Both give the same values.
 
   Returns:
     (H, W, C) float32.
@@ -363,7 +366,7 @@ def warp(image, geom, fill="constant", fill_value=0.0, rotates=True):
   height, width, _ = image.shape
   inner, lo, hi, outer = geom
   reflect = fill == "reflect"
-  if not rotates:
+  if not rotates and max(height, width) <= _SEPARABLE_MAX:
     # Crop and flips only: source coordinates are separable and inside the
     # image, so no fill is needed.
     xs = inner[0, 0] * jnp.arange(width, dtype=jnp.float32) + inner[0, 2]
@@ -405,8 +408,9 @@ def rgb_to_gray(image):
   """(H, W, 3) -> (H, W, 1) luma with ITU-R 601 weights; (H, W, 1) unchanged."""
   if image.shape[-1] == 1:
     return image
-  w = jnp.asarray(_GRAY_WEIGHTS, image.dtype)
-  return jnp.sum(image * w, axis=-1, keepdims=True)
+  # Explicit slices: XLA on CPU reduces a minor axis of 3 slowly.
+  wr, wg, wb = _GRAY_WEIGHTS
+  return wr * image[..., :1] + wg * image[..., 1:2] + wb * image[..., 2:3]
 
 
 def _blend(image, other, factor):
@@ -429,41 +433,55 @@ def adjust_saturation(image, factor):
   return _blend(image, rgb_to_gray(image), factor)
 
 
+def _frac(x):
+  """x mod 1 (jnp.mod is several times slower on CPU)."""
+  return x - jnp.floor(x)
+
+
+def _rgb_to_hsv_planes(r, g, b):
+  maxc = jnp.maximum(jnp.maximum(r, g), b)
+  minc = jnp.minimum(jnp.minimum(r, g), b)
+  delta = maxc - minc
+  s = delta / jnp.where(maxc > 0, maxc, 1.0)
+  # Sector of the largest channel (colorsys' order of ties: r, g, b).
+  num = jnp.where(maxc == r, g - b,
+                  jnp.where(maxc == g, 2.0 * delta + b - r, 4.0 * delta + r - g))
+  h = _frac(num / (6.0 * jnp.where(delta > 0, delta, 1.0)))
+  return h, s, maxc
+
+
+def _hsv_to_rgb_planes(h, s, v):
+  # Closed form of the six-sector formula: channel n in (R, G, B) = (5, 3, 1)
+  # is v - v s clip(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6; far fewer
+  # ops than a select per sector.
+  def channel(n):
+    k = 6.0 * _frac((n + 6.0 * h) / 6.0)
+    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+  return channel(5.0), channel(3.0), channel(1.0)
+
+
+# Colour ops work on separate channel planes and stack once: XLA on CPU is
+# slow at element-wise work along a minor axis of size 3.
+
+
 def rgb_to_hsv(image):
   """(..., 3) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a turn)."""
-  r, g, b = image[..., 0], image[..., 1], image[..., 2]
-  maxc = jnp.max(image, axis=-1)
-  minc = jnp.min(image, axis=-1)
-  delta = maxc - minc
-  v = maxc
-  s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
-  d = jnp.where(delta > 0, delta, 1.0)
-  rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-  h = jnp.where(maxc == r, bc - gc,
-                jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-  h = jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
-  return jnp.stack([h, s, v], axis=-1)
+  return jnp.stack(_rgb_to_hsv_planes(image[..., 0], image[..., 1],
+                                      image[..., 2]), -1)
 
 
 def hsv_to_rgb(hsv):
-  """Inverse of :func:`rgb_to_hsv`.
-
-  Closed form of the six-sector formula: channel n in (R, G, B) = (5, 3, 1)
-  is v - v s clip(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6; it compiles
-  to far fewer ops than a select per sector.
-  """
-  h, s, v = hsv[..., :1], hsv[..., 1:2], hsv[..., 2:3]
-  k = jnp.mod(jnp.array([5.0, 3.0, 1.0]) + 6.0 * h, 6.0)
-  return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+  """Inverse of :func:`rgb_to_hsv`."""
+  return jnp.stack(_hsv_to_rgb_planes(hsv[..., 0], hsv[..., 1], hsv[..., 2]),
+                   -1)
 
 
 def adjust_hue(image, shift):
   """Rotates the hue by ``shift`` turns in HSV space (torchvision adjust_hue)."""
   if image.shape[-1] == 1:
     return image
-  hsv = rgb_to_hsv(image)
-  hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + shift, 1.0))
-  return hsv_to_rgb(hsv)
+  h, s, v = _rgb_to_hsv_planes(image[..., 0], image[..., 1], image[..., 2])
+  return jnp.stack(_hsv_to_rgb_planes(_frac(h + shift), s, v), -1)
 
 
 def color_jitter(u, image, cfg):

@@ -1,0 +1,217 @@
+"""Throughput of jaxembed.augment: source images/s, two views each.
+
+For each image size (28, 32, 64, 224 px) one batch of 1024 RGB uint8 images
+is augmented twice (two views, the t-SimCNE training input) with the
+``tsimcne`` and ``medical`` presets on the present JAX backend, jitted, after
+a warm-up call that compiles. Beside it, in the same run and on the same
+images:
+
+* torchvision's pipeline of the reference (RandomResizedCrop, horizontal
+  flip, ColorJitter(.4, .4, .4, .1) p=.8, RandomGrayscale p=.2, on PIL
+  images, one image at a time as a DataLoader worker does), when torchvision
+  is importable; otherwise it says so;
+* a naive per-image NumPy/PIL pipeline of the same ops (the CPU baseline),
+  timed on a subset and reported as images/s.
+
+Ratios are JAX images/s over baseline images/s. Prints a table and writes
+scripts/results/benchmark_augment.json.
+
+  python scripts/benchmark_augment.py [--sizes 28,32,64,224] [--batch 1024]
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import random
+import time
+
+import jax
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from jaxembed import augment
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def synthetic_images(n, size, seed=0):
+  """Smooth random colour fields with edges (not white noise, so jitter,
+  grayscale and crops act as on photos)."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  out = np.empty((n, size, size, 3), np.uint8)
+  for i in range(n):
+    f = rng.uniform(1, 4, (3, 2))
+    p = rng.uniform(0, 2 * np.pi, (3,))
+    img = 0.5 + 0.5 * np.sin(2 * np.pi * (f[:, :1, None] * xx + f[:, 1:, None]
+                                          * yy) + p[:, None, None])
+    img = img.transpose(1, 2, 0)
+    cx, cy, r = rng.uniform(0.2, 0.8, 3)
+    img[(xx - cx) ** 2 + (yy - cy) ** 2 < (r / 3) ** 2] = rng.uniform(0, 1, 3)
+    out[i] = (img * 255).astype(np.uint8)
+  return out
+
+
+# --------------------------------------------------------------- baselines
+
+
+def _pil_hue(img, shift):
+  # As torchvision's PIL adjust_hue: shift the H channel of PIL's HSV (uint8).
+  h, s, v = img.convert("HSV").split()
+  h = np.asarray(h).astype(np.int16) + np.int16(round(shift * 255))
+  h = Image.fromarray((h % 256).astype(np.uint8), "L")
+  return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def naive_view(img, rng):
+  """One tsimcne view of one PIL image with PIL/NumPy, per image."""
+  width, height = img.size
+  area = width * height
+  for _ in range(10):
+    target = area * rng.uniform(0.2, 1.0)
+    ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w, h = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+    if 0 < w <= width and 0 < h <= height:
+      top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+      break
+  else:
+    top, left, h, w = 0, 0, height, width
+  img = img.crop((left, top, left + w, top + h)).resize((width, height),
+                                                        Image.BILINEAR)
+  if rng.uniform() < 0.5:
+    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+  if rng.uniform() < 0.8:
+    for op in rng.permutation(4):
+      if op == 0:
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.6, 1.4))
+      elif op == 1:
+        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.6, 1.4))
+      elif op == 2:
+        img = ImageEnhance.Color(img).enhance(rng.uniform(0.6, 1.4))
+      else:
+        img = _pil_hue(img, rng.uniform(-0.1, 0.1))
+  if rng.uniform() < 0.2:
+    img = img.convert("L").convert("RGB")
+  return np.asarray(img, np.float32) / 255.0
+
+
+def time_per_image(fn, images, budget_s):
+  """Images/s of fn(PIL image) over as many images as fit in budget_s."""
+  pils = [Image.fromarray(x) for x in images]
+  fn(pils[0])
+  n, t0 = 0, time.perf_counter()
+  while n < len(pils) and (n < 8 or time.perf_counter() - t0 < budget_s):
+    fn(pils[n])
+    fn(pils[n])  # two views
+    n += 1
+  return n / (time.perf_counter() - t0), n
+
+
+def torchvision_pipeline():
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    from torchvision import transforms  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return None, f"torchvision not importable ({e.__class__.__name__}: {e})"
+  def make(size):
+    t = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)],
+                               p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.ToTensor(),
+    ])
+    return t
+  return make, "torchvision " + __import__("torchvision").__version__
+
+
+# ------------------------------------------------------------------- main
+
+
+def time_jax(images, preset, reps):
+  cfg = augment.resolve({"preset": preset, "fill_value": (0.5, 0.5, 0.5)})
+
+  @jax.jit
+  def two_views(key, x):
+    k1, k2 = jax.random.split(key)
+    return augment.augment_batch(k1, x, cfg), augment.augment_batch(k2, x, cfg)
+
+  x = jax.device_put(images)
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  jax.block_until_ready(two_views(key, x))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for r in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(two_views(jax.random.fold_in(key, r + 1), x))
+    times.append(time.perf_counter() - t0)
+  best = min(times)
+  return dict(images_per_s=len(images) / best, seconds=best,
+              compile_s=compile_s, reps=reps)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="28,32,64,224")
+  parser.add_argument("--batch", type=int, default=1024)
+  parser.add_argument("--baseline_seconds", type=float, default=3.0,
+                      help="time spent on each per-image baseline per size")
+  parser.add_argument("--out", default=str(RESULTS / "benchmark_augment.json"))
+  args = parser.parse_args()
+
+  backend = jax.default_backend()
+  devices = [d.device_kind for d in jax.devices()]
+  tv_make, tv_note = torchvision_pipeline()
+  print(f"backend: {backend} ({len(devices)} x {devices[0]}); "
+        f"cpu cores: {os.cpu_count()}")
+  if backend == "cpu":
+    print("no GPU present: JAX figures are CPU figures")
+  print(f"torchvision: {tv_note}")
+
+  rows = []
+  for size in [int(s) for s in args.sizes.split(",")]:
+    images = synthetic_images(args.batch, size)
+    reps = 1 if size >= 128 else 3
+    row = dict(size=size, batch=args.batch)
+    for preset in ("tsimcne", "medical"):
+      row[f"jax_{preset}"] = time_jax(images, preset, reps)
+    rng = np.random.default_rng(0)
+    naive, n = time_per_image(lambda im: naive_view(im, rng), images,
+                              args.baseline_seconds)
+    row["naive_pil"] = dict(images_per_s=naive, images_timed=n)
+    if tv_make is not None:
+      random.seed(0)
+      tv = tv_make(size)
+      tv_rate, n = time_per_image(tv, images, args.baseline_seconds)
+      row["torchvision"] = dict(images_per_s=tv_rate, images_timed=n)
+    rows.append(row)
+    jt = row["jax_tsimcne"]["images_per_s"]
+    tv_s = (f"{row['torchvision']['images_per_s']:9.0f} {jt / row['torchvision']['images_per_s']:7.1f}x"
+            if "torchvision" in row else f"{'n/a':>9s} {'n/a':>8s}")
+    print(f"{size:4d}px  jax tsimcne {jt:9.0f} img/s  medical "
+          f"{row['jax_medical']['images_per_s']:9.0f} img/s  | naive PIL "
+          f"{naive:7.0f} img/s  ratio {jt / naive:6.1f}x | torchvision {tv_s}"
+          f"  (compile {row['jax_tsimcne']['compile_s']:.1f}s)")
+
+  result = dict(
+      what="source images/s, two augmented views per image",
+      date=datetime.date.today().isoformat(),
+      backend=backend, devices=devices, cpu_cores=os.cpu_count(),
+      machine=platform.platform(), jax=jax.__version__,
+      torchvision=tv_note, gpu_present=backend == "gpu",
+      command="python scripts/benchmark_augment.py " + " ".join(
+          f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+      rows=rows)
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
