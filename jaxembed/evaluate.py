@@ -21,8 +21,10 @@ import numpy as np
 # matmul, whose cancellation error is then removed by re-ranking candidates.
 _DIRECT_MAX_DIM = 16
 
-# Budget for the (chunk x n) float32 blocks of one device, in bytes.
-_BLOCK_BYTES = 64 * 2**20
+# Budget for the (chunk x n) float32 blocks of brute-force kNN on one device,
+# in bytes: cache-friendly on CPUs, larger on accelerators to amortise steps.
+_BLOCK_BYTES = {"cpu": 64 * 2**20}
+_BLOCK_BYTES_ACCELERATOR = 1024 * 2**20
 
 # Leaf search (see _leaf_knn), used for points of at most _LEAF_MAX_DIM
 # dimensions and more than _LEAF_MIN_POINTS reference points: leaves of
@@ -101,7 +103,8 @@ def _mesh():
 def _chunk_rows(n_ref, n_query, n_devices, chunk_size):
   """Rows per query chunk: a multiple of the device count within the budget."""
   if chunk_size is None:
-    per_device = max(8, _BLOCK_BYTES // (4 * max(n_ref, 1)))
+    budget = _BLOCK_BYTES.get(jax.devices()[0].platform, _BLOCK_BYTES_ACCELERATOR)
+    per_device = max(8, budget // (4 * max(n_ref, 1)))
     chunk_size = per_device * n_devices
   elif isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
@@ -321,7 +324,8 @@ def knn_predict(train_x, train_y, test_x, k=15, *, chunk_size=None):
     test_x: (n_test, d) test points.
     k: number of neighbours.
     chunk_size: test rows per step (rounded up to a multiple of the device
-      count); None picks one that keeps each block near 64 MiB per device.
+      count); None picks one that keeps each block near 64 MiB per device
+      (1 GiB on accelerators).
 
   Returns:
     (n_test,) predicted labels, same dtype as train_y.
@@ -380,7 +384,7 @@ def silhouette_score(x, labels, *, chunk_size=None):
     x: (n, d) points.
     labels: (n,) integer cluster or class labels.
     chunk_size: query rows per step (rounded up to a multiple of the device
-      count); None picks one that keeps each block near 64 MiB per device.
+      count); None takes 2048 rows per device on CPUs, 8192 on accelerators.
 
   Returns:
     The silhouette score, a float in [-1, 1].
