@@ -75,7 +75,8 @@ def test_parameter_counts_match_torchvision(name, kw, expected):
 
 
 def test_feature_dimensions_and_registry():
-  # Full-size feature widths (torchvision); the forward test below checks them at small width.
+  # Full-size feature widths (torchvision); the forward test below checks num_features against
+  # real outputs at small width, the fixture tests against torchvision's at full width.
   expected = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet_tiny": 64,
               "efficientnet_b0": 1280, "efficientnet_b1": 1280, "efficientnet_b2": 1408,
               "efficientnet_b3": 1536}
@@ -83,9 +84,6 @@ def test_feature_dimensions_and_registry():
   for name, dim in expected.items():
     assert models.create_backbone(name).num_features == dim, name
     assert models.NATURAL_IMAGE_SIZE[name] >= 32
-  out = jax.eval_shape(lambda m=models.create_backbone("efficientnet_b2"): m.init_with_output(
-      jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)[0])
-  assert out.shape == (2, 1408) and out.dtype == jnp.float32
 
 
 def test_efficientnet_compound_scaling():
@@ -219,9 +217,16 @@ def test_efficientnet_training_needs_a_dropout_key():
 
 
 def _tiny_kw(name):
-  """Small widths but the full block structure (every stage and block of the preset)."""
-  if name.startswith("efficientnet"):
+  """Small widths; the full block structure for ResNets and EfficientNet-B0.
+
+  B1..B3 differ from B0 only in width and depth (checked above by parameter counts and, with
+  the fixtures, by torchvision's features), so they run one block per stage to save compile
+  time.
+  """
+  if name == "efficientnet_b0":
     return {"width_multiplier": 0.1}, 16
+  if name.startswith("efficientnet"):
+    return {"width_multiplier": 0.1, "stage_sizes": (1,) * 7}, 16
   if name == "resnet_tiny":
     return {"widths": (4, 8, 8)}, 8
   return {"width_multiplier": 1 / 16, "stem": "cifar"}, 8

@@ -168,8 +168,9 @@ def convert_state_dict(state_dict: Dict[str, Any], backbone, image_channels: int
       value = value.transpose(2, 3, 1, 0)
     elif value.ndim == 2:
       value = value.T
-    flat[path] = jnp.asarray(value)
-  variables = flax.traverse_util.unflatten_dict(flat)
+    flat[path] = value
+  # device_put moves the arrays as they are; jnp.asarray would compile a conversion per shape.
+  variables = jax.device_put(flax.traverse_util.unflatten_dict(flat))
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
