@@ -25,10 +25,15 @@ def run(main, argv=None, user_errors=(ValueError, TypeError, KeyError, FileNotFo
   argv = list(sys.argv if argv is None else argv)
   try:
     rest = flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    fail(f"{e}; config fields are listed in configs/common.py")
   except flags.Error as e:
-    fail(_first_line(e))
+    fail(_flag_message(e))
+  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    fail(f"unknown config field {str(e).strip(chr(34))} in an override; config fields are "
+         "listed in configs/common.py")
   except Exception as e:  # a config file may raise anything while loading  # pylint: disable=broad-except
-    fail(f"{type(e).__name__}: {_first_line(e)}")
+    fail(f"{type(e).__name__}: {_flag_message(e)}")
   if len(rest) > 1:
     fail(f"unexpected arguments {rest[1:]}; every option is a --flag (see --help)")
   logging.use_absl_handler()
@@ -38,6 +43,30 @@ def run(main, argv=None, user_errors=(ValueError, TypeError, KeyError, FileNotFo
     fail(str(e))
 
 
-def _first_line(e):
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
+def load_config(holder):
+  """Materialises a ``config_flags`` config; a file that fails to load exits 2 with its reason.
+
+  ml_collections loads config files lazily, on first access, so its errors
+  (a missing file, an unknown variant) surface here rather than at parsing.
+  """
+  try:
+    config = holder.value
+    if config is None:
+      return None
+    return config.copy_and_resolve_references()
+  except Exception as e:  # pylint: disable=broad-except
+    cause = e.__cause__ or e
+    lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
+    if "No such file" in str(cause):
+      fail(f"config file not found: {lines[-1]}")
+    fail(f"cannot load the config: {type(cause).__name__}: {' '.join(lines[-2:])}")
+
+
+def _flag_message(e):
+  """The flag and the final exception line of absl's message (which may embed a traceback)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if not lines:
+    return type(e).__name__
+  if len(lines) > 1 and any(l.startswith("Traceback") for l in lines):
+    return f"{lines[0].split(': Error')[0]}: {lines[-1]}"
+  return lines[0]

@@ -51,6 +51,8 @@ def stages(config):
                         f"{out[i - 2]['head_dim']} to {s['head_dim']}; choose 'normal' or 'pca'")
     if s["head_init"] == "pca" and i == 1:
       raise ConfigError("stage 1: head_init 'pca' needs a trained hidden layer; use it from stage 2 on")
+  if not config.stages.get("pca_init_std", 1.0) > 0:
+    raise ConfigError(f"stages.pca_init_std must be positive, got {config.stages.pca_init_std}")
   if sum(s["epochs"] for s in out) == 0:
     raise ConfigError("config.stages.epochs are all 0: nothing to train")
   return out
@@ -85,6 +87,8 @@ def validate(config, num_devices=None):
     raise ConfigError(f"eval.protocol {config.eval.protocol!r} unknown; use 'split' or 'paper'")
   if config.eval.knn_k < 1:
     raise ConfigError(f"eval.knn_k must be >= 1, got {config.eval.knn_k}")
+  if config.logging.writer not in ("tensorboard", "clu"):
+    raise ConfigError(f"logging.writer {config.logging.writer!r} unknown; use 'tensorboard' or 'clu'")
   if config.checkpoint.every_steps < 1 or config.logging.every_steps < 1:
     raise ConfigError("checkpoint.every_steps and logging.every_steps must be >= 1")
   from jaxembed import augment  # pylint: disable=g-import-not-at-top

@@ -18,14 +18,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 def main(argv):
   del argv
-  if _CONFIG.value is None:
+  config = cli.load_config(_CONFIG)
+  if config is None:
     cli.fail("--config is required, e.g. --config configs/digits.py")
   if not _WORKDIR.value:
     cli.fail("--workdir is required, e.g. --workdir runs/digits")
   from jaxembed import parallel  # pylint: disable=g-import-not-at-top
   from jaxembed import trainer  # pylint: disable=g-import-not-at-top
   parallel.initialize()
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
 def run():

@@ -12,8 +12,6 @@ import os
 import time
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +27,7 @@ from jaxembed import losses
 from jaxembed import models
 from jaxembed import parallel
 from jaxembed import plots
+from jaxembed import summary
 from jaxembed import workdir as workdir_lib
 from jaxembed.data import pipeline
 
@@ -168,14 +167,14 @@ def init_variables(model, key, image_shape):
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def new_head(kind, key, hidden, head_dim, old_out):
+def new_head(kind, key, hidden, head_dim, old_out, pca_std=10.0):
   """Parameters {"kernel", "bias"} of a new output layer of width ``head_dim``.
 
   normal: N(0, 1) entries, the reference's stage-2 initialisation.
   pca: the top principal directions of the hidden layer on the training
-    images, scaled so that the first coordinate has unit variance per 1 of
-    ``PCA_SCALE``; a map that starts from the PCA of the learnt
-    representation, as t-SNE benefits from PCA initialisation.
+    images, scaled so that the first coordinate has standard deviation
+    ``pca_std``: a map that starts from the PCA of the learnt representation,
+    as t-SNE benefits from PCA initialisation.
   keep: the previous output layer.
   """
   if kind == "keep":
@@ -193,15 +192,11 @@ def new_head(kind, key, hidden, head_dim, old_out):
     directions = vt[:head_dim].T                                   # (h_dim, head_dim)
     # Fix the sign of each direction so the initialisation is deterministic.
     directions *= np.sign(directions[np.argmax(np.abs(directions), axis=0), range(head_dim)])
-    scale = PCA_SCALE / (s[0] / np.sqrt(len(hidden)))
+    scale = pca_std / max(s[0] / np.sqrt(len(hidden)), 1e-12)
     kernel = directions * scale
     return {"kernel": jnp.asarray(kernel, jnp.float32),
             "bias": jnp.asarray(-mean @ kernel, jnp.float32)}
   raise configlib.ConfigError(f"unknown head_init {kind!r}")
-
-
-# Standard deviation of the first coordinate of a PCA-initialised 2-D map.
-PCA_SCALE = 10.0
 
 
 def make_state(params, batch_stats, tx, step):
@@ -324,13 +319,11 @@ def train_and_evaluate(config, workdir):
       print(f"Resuming from the checkpoint at step {latest} (stage {stage.index + 1}).", flush=True)
 
   images_all = parallel.replicate(mesh, jnp.asarray(ds.train_images))
-  writer = metric_writers.create_default_writer(workdir, just_logging=not main,
-                                                asynchronous=True)
+  writer = summary.create_writer(workdir, config.logging.writer, main)
   if latest is None:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
   stage_metrics = workdir_lib.read_stage_metrics(workdir)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
 
   # ---- the stage loop
   for s in stages[stage.index:]:
@@ -343,7 +336,7 @@ def train_and_evaluate(config, workdir):
             f"peak lr {config.optimizer.base_lr * config.batch_size / 256 * s.lr_scale:.3g}",
             flush=True)
     state = _run_stage(s, stages, state, train_step, images_all, step_key, manager, config, spe,
-                       n_train, writer, report, mesh, main)
+                       n_train, writer, mesh, main)
     step = int(state["step"])
     if str(s.index) in stage_metrics and step == s.last_step and latest == step:
       continue  # evaluated before the interruption
@@ -388,14 +381,15 @@ def _enter_stage(config, stage, model, state, ds, mesh, spe, root_key):
   params = dict(params)
   params["projector"] = dict(params["projector"])
   params["projector"]["out"] = new_head(stage.head_init, key, hidden, stage.head_dim,
-                                        params["projector"]["out"])
+                                        params["projector"]["out"],
+                                        config.stages.pca_init_std)
   tx = make_optimizer(config.optimizer, learning_rate(config, stage, spe), stage.trainable, params)
   new_state = make_state(params, jax.device_get(state["batch_stats"]), tx, stage.first_step)
   return new_model, parallel.replicate(mesh, new_state), tx
 
 
 def _run_stage(stage, stages, state, train_step, images_all, step_key, manager, config, spe,
-               n_train, writer, report, mesh, main):
+               n_train, writer, mesh, main):
   """Runs the remaining steps of ``stage``; returns the state at its end."""
   step = int(state["step"])
   t_last, step_last = time.time(), step
@@ -405,7 +399,6 @@ def _run_stage(stage, stages, state, train_step, images_all, step_key, manager, 
     state, step_metrics = train_step(state, images_all, parallel.global_from_full(mesh, idx),
                                      step_key)
     step += 1
-    report(step)
     at_end = step == stage.last_step
     if step % config.logging.every_steps == 0 or at_end:
       loss = float(step_metrics["loss"])
