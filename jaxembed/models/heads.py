@@ -6,7 +6,7 @@ Linear by Linear(1024, 2). Here the head dimension is an attribute: the trainer 
 model with ``head_dim=2`` and swaps ``params["projector"]["out"]``.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

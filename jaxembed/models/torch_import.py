@@ -216,8 +216,10 @@ def load_pretrained(variables: Dict[str, Any], model_config) -> Dict[str, Any]:
     old_shapes = jax.tree.map(lambda a: tuple(a.shape), old)
     new_shapes = jax.tree.map(lambda a: tuple(a.shape), loaded[collection])
     if old_shapes != new_shapes:
-      raise ValueError(f"{path}: the imported {collection} do not match the model's backbone; "
-                       "the image channels may differ from the saved network's")
+      raise ValueError(
+          f"{path}: the imported {collection} do not match the model's backbone; the image "
+          "channels probably differ from the saved network's (set config.data.channels to the "
+          "channels it was trained on, usually 3)")
   params = dict(variables["params"], backbone=loaded["params"])
   batch_stats = dict(variables.get("batch_stats", {}), backbone=loaded["batch_stats"])
   return dict(variables, params=params, batch_stats=batch_stats)
