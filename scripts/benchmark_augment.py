@@ -204,6 +204,7 @@ def main():
       date=datetime.date.today().isoformat(),
       backend=backend, devices=devices, cpu_cores=os.cpu_count(),
       machine=platform.platform(), jax=jax.__version__,
+      load_average_1min=os.getloadavg()[0],
       torchvision=tv_note, gpu_present=backend == "gpu",
       command="python scripts/benchmark_augment.py " + " ".join(
           f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
