@@ -27,17 +27,18 @@ _BLOCK_BYTES = {"cpu": 64 * 2**20}
 _BLOCK_BYTES_ACCELERATOR = 1024 * 2**20
 
 # Leaf search (see _leaf_knn), used for points of at most _LEAF_MAX_DIM
-# dimensions and more than _LEAF_MIN_POINTS reference points: leaves of
-# _LEAF_SIZE points at most, about _LEAF_CANDIDATES candidates per query,
-# _LEAF_BOUND_LEAVES leaves beyond those for the exactness bound, and
-# _LEAF_GROUP query leaves per device and step.
+# dimensions and more than _LEAF_MIN_POINTS reference points: reference
+# leaves of at most _LEAF_SIZE points, query leaves of _QUERY_LEAF_SIZE,
+# about _LEAF_CANDIDATES candidates per query, a pool of _LEAF_POOL_FACTOR
+# times as many leaves per query leaf, and _LEAF_GROUP query leaves per device
+# and step.
 _LEAF_MAX_DIM = 3
 _LEAF_MIN_POINTS = 2048
-_LEAF_SIZE = 64
+_LEAF_SIZE = 32
 _QUERY_LEAF_SIZE = 32
-_LEAF_CANDIDATES = 768
+_LEAF_CANDIDATES = 256
 _LEAF_GROUP = 64
-_LEAF_BOUND_LEAVES = 16
+_LEAF_POOL_FACTOR = 4
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -165,7 +166,17 @@ def _knn_chunk(q, q_index, ref, k, exclude_self):
   d2 = _direct_sq_dists(q, ref) if d <= _DIRECT_MAX_DIM else _gram_sq_dists(q, ref)
   if exclude_self:
     d2 = jnp.where(jnp.arange(n)[None, :] == q_index[:, None], jnp.inf, d2)
-  return jax.lax.top_k(-d2, k)[1]
+  return _top_k(-d2, k)[1]
+
+
+def _top_k(x, k):
+  """jax.lax.top_k over the last axis of a rank-2 x, kept on XLA:CPU's TopK kernel.
+
+  XLA:CPU lowers top_k to a full sort (with a comparator call per comparison,
+  many times slower) when the operand has another rank or when later slices
+  of the outputs get merged into the sort's; the barrier prevents the latter.
+  """
+  return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
 
 
 def _box_sq_dists(a_lo, a_hi, b_lo, b_hi):
@@ -182,69 +193,72 @@ def _box_sq_dists(a_lo, a_hi, b_lo, b_hi):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("k", "k_out", "n_search", "n_bound", "exclude_self"))
+    jax.jit, static_argnames=("k", "k_out", "n_pool", "n_search", "exclude_self"))
 def _leaf_knn(q, q_index, q_lo, q_hi, ref, ref_index, ref_lo, ref_hi, k, k_out,
-              n_search, n_bound, exclude_self):
+              n_pool, n_search, exclude_self):
   """kNN of groups of nearby queries among the nearest leaves (see _leaves).
 
-  For every query leaf, the `n_search` reference leaves whose bounding boxes
-  come closest to the query leaf's box are searched exhaustively. The k-th
-  neighbour of a query is certified exact when it is nearer than every
-  unsearched point could be: nearer than the point-to-box distance of the
-  next `n_bound` leaves and than the box-to-box distance of the leaf after
-  them. Uncertified queries are redone by brute force by the caller.
+  Every query leaf takes a pool of the `n_pool` reference leaves whose boxes
+  come closest to its own box; every query then searches exhaustively the
+  `n_search` leaves of the pool whose boxes come closest to the query point.
+  The k-th neighbour of a query is certified exact when it is nearer than any
+  unsearched point can be: nearer than the point-to-box distance of every
+  other leaf of the pool and than the box-to-box distance of the first leaf
+  outside the pool. Uncertified queries are redone by brute force by the
+  caller.
 
   Args:
-    q: (n_chunks, G, Q, d) query leaves; ref: (L, B, d) reference leaves.
+    q: (n_chunks, G, Q, d) query leaves; ref: (L, d, B) reference leaves,
+      coordinate-major.
     q_index, ref_index: (n_chunks, G, Q) and (L, B) point indices, -1 for
       padding (q_index is the index within ref when exclude_self).
     q_lo, q_hi: (n_chunks, G, d) query leaf boxes; ref_lo, ref_hi: (L, d).
     k: neighbours that must be certified.
     k_out: candidates returned per query (>= k), nearest first.
-    n_search: reference leaves searched per query leaf.
-    n_bound: further leaves whose point-to-box distances bound the rest.
+    n_pool: reference leaves considered per query leaf.
+    n_search: reference leaves searched per query (< n_pool unless L is).
     exclude_self: whether ref point q_index is excluded for its query.
 
   Returns:
     (n_chunks, G, Q, k_out) neighbour indices into ref (-1 where there are
     fewer candidates) and (n_chunks, G, Q) booleans: certified or not.
   """
-  n_leaves, _, d = ref.shape
+  n_leaves, d, leaf = ref.shape
 
   def one(args):
     q, qi, qlo, qhi = args
     g, nq, _ = q.shape
     lb2 = _box_sq_dists(qlo[:, None], qhi[:, None], ref_lo[None], ref_hi[None])  # (G, L)
-    n_rank = min(n_leaves, n_search + n_bound + 1)
-    neg, ranked = jax.lax.top_k(-lb2, n_rank)
-    blocks = ranked[:, :n_search]
-    # Bound on the squared distance of every unsearched point, per query.
-    if n_rank < n_leaves:
+    if n_pool < n_leaves:
+      neg, pool = _top_k(-lb2, n_pool + 1)
       bound = jnp.broadcast_to(-neg[:, -1:], (g, nq))
-      nxt = ranked[:, n_search:-1]
+      pool = pool[:, :n_pool]
     else:
+      pool = jnp.broadcast_to(jnp.arange(n_leaves), (g, n_leaves))
       bound = jnp.full((g, nq), jnp.inf)
-      nxt = ranked[:, n_search:]
-    if nxt.shape[1]:
-      lo, hi = ref_lo[nxt], ref_hi[nxt]  # (G, E, d)
-      point_box = _box_sq_dists(q[:, :, None], q[:, :, None], lo[:, None], hi[:, None])
-      bound = jnp.minimum(bound, jnp.min(point_box, axis=-1))
-    # Candidates coordinate-major, (G, d, n_search * B), so that the distance
-    # loop below reads contiguous rows.
-    cand = jnp.moveaxis(ref[blocks], 3, 1).reshape(g, d, -1)
-    cidx = ref_index[blocks].reshape(g, 1, -1)
+    # Point-to-box distances of each query to the leaves of its pool.
+    point_box = _box_sq_dists(q[:, :, None], q[:, :, None], ref_lo[pool][:, None],
+                              ref_hi[pool][:, None])  # (G, Q, n_pool)
+    n_rank = min(n_search + 1, pool.shape[1])
+    neg, local = _top_k(-point_box.reshape(g * nq, -1), n_rank)
+    if n_rank > n_search:
+      bound = jnp.minimum(bound, -neg[:, -1].reshape(g, nq))
+    local = local[:, :n_search].reshape(g, nq, n_search)
+    leaves = jnp.take_along_axis(jnp.broadcast_to(pool[:, None], (g, nq, pool.shape[1])),
+                                 local, axis=-1)  # (G, Q, n_search)
+    cand = jnp.moveaxis(ref[leaves], 3, 2).reshape(g, nq, d, -1)  # (G, Q, d, S*B)
+    cidx = ref_index[leaves].reshape(g, nq, -1)
     d2 = None
     for j in range(d):
-      diff = q[:, :, j, None] - cand[:, None, j, :]
+      diff = q[:, :, j, None] - cand[:, :, j]
       d2 = diff * diff if d2 is None else d2 + diff * diff
     invalid = cidx < 0
     if exclude_self:
       invalid = invalid | (cidx == qi[:, :, None])
     d2 = jnp.where(invalid, jnp.inf, d2)
-    # Rank-2 operands keep XLA:CPU on its TopK kernel instead of a full sort.
-    neg_d2, pos = jax.lax.top_k(-d2.reshape(g * nq, -1), k_out)
+    neg_d2, pos = _top_k(-d2.reshape(g * nq, -1), k_out)
     neg_d2, pos = neg_d2.reshape(g, nq, k_out), pos.reshape(g, nq, k_out)
-    nn = jnp.take_along_axis(jnp.broadcast_to(cidx, d2.shape), pos, axis=-1)
+    nn = jnp.take_along_axis(cidx, pos, axis=-1)
     nn = jnp.where(jnp.isinf(neg_d2), -1, nn)
     # A small relative margin absorbs float32 rounding of both sides.
     ok = -neg_d2[..., k - 1] < bound * (1.0 - 1e-5)
@@ -623,12 +637,14 @@ def _leaf_nearest(queries, query_index, ref, k, k_out):
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
 
   leaf = ref_pts.shape[1]
-  n_search = min(-(-max(_LEAF_CANDIDATES, 4 * k_out) // leaf), ref_pts.shape[0])
+  n_leaves = ref_pts.shape[0]
+  n_search = min(-(-max(_LEAF_CANDIDATES, 2 * k_out) // leaf), n_leaves)
+  n_pool = min(n_search * _LEAF_POOL_FACTOR, n_leaves)
   nn, ok = _leaf_knn(
       chunked(q_pts, 0), chunked(q_idx, -1), chunked(q_lo, 0), chunked(q_hi, 0),
-      _replicated(ref_pts, mesh), _replicated(ref_idx, mesh),
-      _replicated(ref_lo, mesh), _replicated(ref_hi, mesh),
-      k=k, k_out=k_out, n_search=n_search, n_bound=_LEAF_BOUND_LEAVES,
+      _replicated(np.ascontiguousarray(np.moveaxis(ref_pts, 2, 1)), mesh),
+      _replicated(ref_idx, mesh), _replicated(ref_lo, mesh), _replicated(ref_hi, mesh),
+      k=k, k_out=k_out, n_pool=n_pool, n_search=n_search,
       exclude_self=query_index is not None)
   nn = np.asarray(nn).reshape(-1, q_pts.shape[1], k_out)[:n_qleaves]
   ok = np.asarray(ok).reshape(-1, q_pts.shape[1])[:n_qleaves]
