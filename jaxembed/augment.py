@@ -33,7 +33,7 @@ Deliberate differences (see also docs/augment.md):
 """
 
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
