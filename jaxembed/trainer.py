@@ -134,7 +134,8 @@ def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh):
 
     def loss_of(params):
       out, updated = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
-                                 train=True, mutable=["batch_stats"])
+                                 train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.fold_in(key, 2)})
       z = out["z"]
       return loss_fn(z[:batch_size], z[batch_size:]), updated["batch_stats"]
 
@@ -257,7 +258,7 @@ def resolve_config(config, ds, stats, num_devices):
       config.model.input_mean = stats["mean"]
     if config.model.input_std is None:
       config.model.input_std = stats["std"]
-    if config.aug.fill_value is None:
+    if config.aug.fill_value is None and augment.resolve(config.aug)["fill"] == "border_mean":
       config.aug.fill_value = stats["border_mean"]
   return config
 
@@ -457,3 +458,39 @@ def _flat(d, prefix=""):
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+# --------------------------------------------------------- loading a trained run
+
+
+def load_trained(workdir, step=None, mesh=None):
+  """The model and variables of a run's checkpoint (the newest, or ``step``).
+
+  Returns ``(model, variables, config, step)``; ``variables`` holds
+  ``params`` and ``batch_stats`` replicated over ``mesh``. Works for a run
+  trained on any backend and number of devices.
+  """
+  config = workdir_lib.load_config(workdir)
+  run = workdir_lib.load_run_record(workdir)
+  mesh = mesh or parallel.make_mesh()
+  stages = build_stages(configlib.stages(config),
+                        pipeline.steps_per_epoch(run["num_train"], config.batch_size))
+  manager = checkpoint.open_manager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  steps = manager.all_steps()
+  if not steps:
+    raise workdir_lib.WorkdirError(f"no checkpoint in {workdir}/checkpoints; train first")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise workdir_lib.WorkdirError(f"no checkpoint at step {step} in {workdir}; "
+                                   f"available: {sorted(steps)}")
+  stage = stage_of_step(stages, step)
+  model = models.create_model(config.model, head_dim=stage.head_dim)
+  variables = init_variables(model, jax.random.key(0), run["image_shape"])
+  tx = make_optimizer(config.optimizer, learning_rate(config, stage, 1), stage.trainable,
+                      variables["params"])
+  target = parallel.replicate(mesh, make_state(variables["params"], variables["batch_stats"], tx,
+                                               step))
+  state = checkpoint.restore(manager, step, target)
+  manager.close()
+  return model, {"params": state["params"], "batch_stats": state["batch_stats"]}, config, step

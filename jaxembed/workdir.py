@@ -159,6 +159,12 @@ def load_config(workdir):
     return configlib.from_json(f.read())
 
 
+def load_run_record(workdir):
+  """The ``run`` part of config.json: data statistics, sizes, versions, data hash."""
+  with open(os.path.join(workdir, CONFIG)) as f:
+    return json.load(f)["run"]
+
+
 def is_complete(workdir):
   return all(os.path.isfile(os.path.join(workdir, f)) for f in (METRICS, EMBEDDINGS))
 

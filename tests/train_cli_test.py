@@ -39,7 +39,7 @@ def test_smoke_run_writes_every_workdir_file(smoke_run):
   assert config["run"]["format_version"] == 1
   assert len(config["run"]["data_hash"]) == 64
   assert len(config["model"]["input_mean"]) == 1   # digits are gray
-  assert config["aug"]["fill_value"] is not None
+  assert len(config["run"]["data_stats"]["border_mean"]) == 1
 
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert metrics["protocol"] == "split"
