@@ -541,8 +541,17 @@ def _nearest(queries, ref, k, query_index, chunk_size):
     else:
       cand = _brute_nearest(queries, query_index, ref, k_out, chunk_size)
   else:
-    cand, ok = _leaf_nearest(queries, query_index, ref, k, k_out)
+    ref_leaves = _leaves(ref, _LEAF_SIZE)
+    cand, ok = _leaf_nearest(queries, query_index, ref_leaves, k, k_out)
     redo = np.flatnonzero(~ok)
+    if redo.size:
+      # A second, wider search with a pool per query certifies most of the
+      # rest (outliers, cluster edges) far more cheaply than brute force.
+      sub = None if query_index is None else query_index[redo]
+      cand_r, ok_r = _leaf_nearest(queries[redo], sub, ref_leaves, k, k_out, query_leaf=1,
+                                   candidates=4 * _LEAF_CANDIDATES)
+      cand[redo[ok_r]] = cand_r[ok_r]
+      redo = redo[~ok_r]
     if redo.size:
       cand[redo] = _brute_nearest(
           queries[redo], None if query_index is None else query_index[redo], ref,
@@ -615,19 +624,33 @@ def _leaves(x, size):
   return points.reshape(n_leaves, size, d), index.reshape(n_leaves, size), lo, hi
 
 
-def _leaf_nearest(queries, query_index, ref, k, k_out):
-  """Leaf kNN (see _leaf_knn): (m, k_out) indices, (m,) certified flags."""
+def _leaf_nearest(queries, query_index, ref_leaves, k, k_out,
+                  query_leaf=_QUERY_LEAF_SIZE, candidates=None):
+  """Leaf kNN (see _leaf_knn): (m, k_out) indices, (m,) certified flags.
+
+  Args:
+    queries: (m, d) points; query_index: their indices in the reference set
+      (excluded from their own neighbours), or None.
+    ref_leaves: _leaves() of the reference points.
+    k, k_out: neighbours to certify and candidates to return.
+    query_leaf: queries per query leaf; 1 gives every query its own pool.
+    candidates: about how many points each query searches (default
+      _LEAF_CANDIDATES).
+  """
   m, d = queries.shape
   mesh = _mesh()
-  ref_pts, ref_idx, ref_lo, ref_hi = _leaves(ref, _LEAF_SIZE)
-  q_pts, q_pos, q_lo, q_hi = _leaves(queries, _QUERY_LEAF_SIZE)
+  ref_pts, ref_idx, ref_lo, ref_hi = ref_leaves
+  q_pts, q_pos, q_lo, q_hi = _leaves(queries, query_leaf)
   q_idx = q_pos if query_index is None else np.where(
       q_pos >= 0, np.asarray(query_index, np.int32)[np.maximum(q_pos, 0)], -1)
-  # Query leaves go in chunks of G per device; each device takes its share
-  # of the leaves of every chunk.
+  # Query leaves go in chunks of G per device (about _LEAF_GROUP *
+  # _QUERY_LEAF_SIZE queries); each device takes its share of every chunk.
   n_qleaves = q_pts.shape[0]
-  group = min(_LEAF_GROUP, -(-n_qleaves // mesh.size)) * mesh.size
+  per_device = _LEAF_GROUP * _QUERY_LEAF_SIZE // query_leaf
+  group = min(per_device, -(-n_qleaves // mesh.size)) * mesh.size
   n_chunks = -(-n_qleaves // group)
+  if query_leaf == 1:  # Retries come in varying numbers: few shapes to compile.
+    n_chunks = 2**int(np.ceil(np.log2(n_chunks)))
   pad = n_chunks * group - n_qleaves
 
   def chunked(a, fill):
@@ -638,7 +661,8 @@ def _leaf_nearest(queries, query_index, ref, k, k_out):
 
   leaf = ref_pts.shape[1]
   n_leaves = ref_pts.shape[0]
-  n_search = min(-(-max(_LEAF_CANDIDATES, 2 * k_out) // leaf), n_leaves)
+  candidates = _LEAF_CANDIDATES if candidates is None else candidates
+  n_search = min(-(-max(candidates, 2 * k_out) // leaf), n_leaves)
   n_pool = min(n_search * _LEAF_POOL_FACTOR, n_leaves)
   nn, ok = _leaf_knn(
       chunked(q_pts, 0), chunked(q_idx, -1), chunked(q_lo, 0), chunked(q_hi, 0),

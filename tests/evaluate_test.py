@@ -114,12 +114,28 @@ def test_knn_leaf_search_matches_sklearn(kind):
 def test_leaf_neighbours_equal_sklearn_sets():
   x, _ = _blobs(4097, 2, 6, seed=4)
   x[:20] += 100.0  # a far-away group forces the brute-force fallback
-  _, certified = evaluate._leaf_nearest(x, np.arange(len(x)), x, 10, 18)
-  assert 0.5 < certified.mean() < 1.0  # both paths are exercised
+  leaves = evaluate._leaves(x, evaluate._LEAF_SIZE)
+  _, certified = evaluate._leaf_nearest(x, np.arange(len(x)), leaves, 10, 18)
+  assert 0.5 < certified.mean() < 1.0  # the retry is exercised
   got = evaluate._neighbours(x, 10, None)
   want = neighbors.NearestNeighbors(n_neighbors=11).fit(x).kneighbors(
       x, return_distance=False)[:, 1:]
   np.testing.assert_array_equal(np.sort(got, 1), np.sort(want, 1))
+
+
+def test_knn_leaf_search_brute_force_fallback(monkeypatch):
+  # With a tiny search budget most queries fail both leaf passes and are
+  # redone by brute force; the answer must not change.
+  monkeypatch.setattr(evaluate, "_LEAF_CANDIDATES", 8)
+  calls = []
+  brute = evaluate._brute_nearest
+  monkeypatch.setattr(evaluate, "_brute_nearest",
+                      lambda q, *a: calls.append(len(q)) or brute(q, *a))
+  x, y = _blobs(3001, 2, 5, seed=6)
+  got = evaluate.knn_predict(x[:2500], y[:2500], x[2500:], k=15)
+  want = neighbors.KNeighborsClassifier(15).fit(x[:2500], y[:2500]).predict(x[2500:])
+  np.testing.assert_array_equal(got, want)
+  assert calls and calls[0] > 50
 
 
 def test_knn_test_label_unseen_in_train_counts_as_error():
