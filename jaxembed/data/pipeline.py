@@ -40,3 +40,16 @@ def padded_chunks(n, chunk, multiple):
     stop = min(n, start + chunk)
     length = stop - start
     yield start, stop, -(-length // multiple) * multiple
+
+
+def host_batch_indices(seed, step, n, batch_size, process_index=0, process_count=1):
+  """This process's rows of global training ``step``: its contiguous 1/process_count slice.
+
+  ``jax.make_array_from_process_local_data`` concatenates the processes'
+  rows in process order, so the global batch equals ``batch_indices``.
+  """
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
+  per = batch_size // process_count
+  idx = batch_indices(seed, step, n, batch_size)
+  return idx[process_index * per:(process_index + 1) * per]

@@ -1,0 +1,216 @@
+"""Streaming training batches from disk (tf.data) for data that do not fit in device memory.
+
+``stream_batches`` yields the global uint8 training batches of a run, one
+per step, as ``jax.Array``s sharded over the mesh's ``data`` axis. Each
+process reads only its own rows (a contiguous 1/process_count of every
+batch) and the batches are transferred to the devices ``prefetch`` steps
+ahead, while tf.data decodes the next ones on CPU threads.
+
+* ``folder`` sources stream exactly the in-memory batches: the same file
+  listing and test split as ``jaxembed.data.load``, the same (seed, epoch)
+  permutation as ``pipeline.batch_indices`` and the same PIL decoding and
+  resizing, so a run can switch paths without changing what it trains on
+  (unreadable files raise instead of being skipped, since a dropped file
+  would shift every later batch).
+* ``tfds`` sources read ``tfds.split_for_jax_process(train_split)`` with
+  file and buffer shuffling seeded by (seed, epoch): deterministic, but a
+  different order than the in-memory path.
+
+TensorFlow is imported on the first call, never by the rest of jaxembed.data.
+"""
+
+import collections
+
+import numpy as np
+
+from jaxembed import parallel
+from jaxembed.data import convert
+from jaxembed.data import folder as folder_lib
+from jaxembed.data import pipeline
+from jaxembed.data import sources
+from jaxembed.data.convert import DataError
+
+SHUFFLE_BUFFER = 10_000  # examples in the tf.data shuffle buffer of the TFDS path
+
+
+def _epoch_seed(seed, epoch):
+  return int(np.random.default_rng([seed, epoch]).integers(2**31 - 1))
+
+
+def folder_train_paths(data_config):
+  """The training files of a folder source, as ``load`` splits them (without reading the files)."""
+  paths, labels, _ = folder_lib.list_images(data_config.get("path"))
+  labels = convert.check_labels(labels, len(paths))
+  index, labels, _ = sources._select(np.arange(len(paths)), labels,  # pylint: disable=protected-access
+                                     np.asarray(paths), data_config, seed=0)
+  frac = data_config.get("test_fraction", 0.2)
+  if not 0.0 <= frac < 1.0:
+    raise DataError(f"data.test_fraction must be in [0, 1), got {frac}")
+  train, _ = sources.split_indices(labels, frac)
+  return [paths[i] for i in index[train]]
+
+
+def _prepare(arr, data_config, vrange, size, channels):
+  """One decoded file -> uint8 (S, S, C) by the in-memory rules."""
+  x = convert.to_uint8(arr[None], data_config.get("intensity", "minmax"),
+                       data_config.get("window"), vrange=vrange)
+  x = convert.to_channels(x, channels)
+  if size:
+    x = convert.resize_images(x, size)
+  return x[0]
+
+
+def _folder_host_batches(data_config, batch_size, seed, start_step, num_steps, vrange):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  paths = folder_train_paths(data_config)
+  n = len(paths)
+  spe = pipeline.steps_per_epoch(n, batch_size)
+  if spe == 0:
+    raise DataError(f"batch_size={batch_size} is larger than the {n} training images")
+  size, channels = data_config.get("image_size"), data_config.get("channels")
+  first = folder_lib.read_image(paths[0])
+  if (first.dtype != np.uint8 and data_config.get("intensity", "minmax") == "minmax"
+      and vrange is None):
+    raise DataError("streaming non-uint8 images with data.intensity='minmax' needs the dataset "
+                    "range up front: pass vrange=(lo, hi), or use data.intensity='window' with "
+                    "data.window=(lo, hi), or 'per_image'")
+  shape = _prepare(first, data_config, vrange, size, channels).shape
+  pi, pc = jax.process_index(), jax.process_count()
+  host_bs = batch_size // pc
+  stop = None if num_steps is None else start_step + num_steps
+
+  def host_paths():
+    step = start_step
+    while stop is None or step < stop:
+      for i in pipeline.host_batch_indices(seed, step, n, batch_size, pi, pc):
+        yield paths[i]
+      step += 1
+
+  def read(path):
+    p = path.decode() if isinstance(path, bytes) else str(path)
+    try:
+      x = _prepare(folder_lib.read_image(p), data_config, vrange, size, channels)
+    except (OSError, ValueError, SyntaxError) as e:
+      raise DataError(f"cannot read {p}: {e}") from None
+    if x.shape != shape:
+      raise DataError(f"{p} has shape {x.shape} but the first image {shape}; set "
+                      "data.image_size and data.channels to make them agree")
+    return x
+
+  ds = tf.data.Dataset.from_generator(host_paths, output_signature=tf.TensorSpec((), tf.string))
+  ds = ds.map(lambda p: tf.ensure_shape(tf.numpy_function(read, [p], tf.uint8), shape),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(host_bs, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  def batches():
+    try:
+      yield from ds.as_numpy_iterator()
+    except tf.errors.OpError as e:  # a DataError raised inside tf.numpy_function
+      raise DataError(f"streaming {data_config.get('path')}: "
+                      f"{e.message.strip().splitlines()[-1]}") from None
+  return batches()
+
+
+def _tfds_host_batches(data_config, batch_size, seed, start_step, num_steps):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxembed.data import tfds_source  # pylint: disable=g-import-not-at-top
+  name, data_dir = data_config.get("name"), data_config.get("dir")
+  split = data_config.get("train_split") or "train"
+  tfds_source.check_split(tfds_source.builder(data_config), split, data_config)
+  proc_split = tfds.split_for_jax_process(split, drop_remainder=True)
+  host_bs = batch_size // jax.process_count()
+  image_key = data_config.get("image_key", "image")
+  size, channels = data_config.get("image_size"), data_config.get("channels")
+
+  def open_split(epoch):
+    try:
+      return tfds.load(name, split=proc_split, data_dir=data_dir, download=False,
+                       shuffle_files=True,
+                       read_config=tfds.ReadConfig(shuffle_seed=_epoch_seed(seed, epoch)))
+    except AssertionError as e:
+      raise DataError(f"TFDS dataset {name!r} is not prepared in data.dir={data_dir!r} "
+                      f"({str(e).splitlines()[0]})") from None
+
+  def prep(ex):
+    img = ex[image_key]
+    if len(img.shape) == 2:
+      img = img[..., None]
+    if img.dtype != tf.uint8:
+      raise DataError("the TFDS streaming path reads uint8 images only")
+    if channels == 3 and img.shape[-1] == 1:
+      img = tf.image.grayscale_to_rgb(img)
+    elif channels == 1 and img.shape[-1] == 3:
+      img = tf.cast(tf.clip_by_value(tf.round(tf.tensordot(
+          tf.cast(img, tf.float32), tf.constant([0.299, 0.587, 0.114]), 1)), 0, 255),
+                    tf.uint8)[..., None]
+    if size and tuple(img.shape[:2]) != (size, size):
+      img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
+      img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+    return img
+
+  n_host = int(open_split(0).cardinality())
+  if n_host < 0:
+    raise DataError(f"TFDS dataset {name!r}, split {split!r}: unknown size")
+  spe = n_host // host_bs
+  if spe == 0:
+    raise DataError(f"batch_size={batch_size} is larger than the training split "
+                    f"({n_host} examples per process)")
+  stop = None if num_steps is None else start_step + num_steps
+  step = start_step
+  while stop is None or step < stop:
+    epoch, skip = divmod(step, spe)
+    take = spe - skip if stop is None else min(spe - skip, stop - step)
+    ds = open_split(epoch).shuffle(SHUFFLE_BUFFER, seed=_epoch_seed(seed, epoch))
+    ds = ds.skip(skip * host_bs).map(prep, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(host_bs, drop_remainder=True).take(take).prefetch(tf.data.AUTOTUNE)
+    for batch in ds.as_numpy_iterator():
+      yield batch
+    step += take
+
+
+def stream_batches(data_config, batch_size, mesh, *, seed=0, start_step=0, num_steps=None,
+                   prefetch=2, vrange=None):
+  """Yields the global uint8 training batch of each step from ``start_step`` on.
+
+  Args:
+    data_config: the run's ``data`` config; ``source`` "folder" or "tfds".
+    batch_size: the global batch (divisible by the process count and by
+      the number of devices of the mesh).
+    mesh: the ``data`` mesh (jaxembed.parallel.make_mesh()).
+    seed: the run's seed (the data order of epoch e depends on (seed, e)).
+    start_step: the first global step (resuming); epochs have
+      ``n // batch_size`` steps and drop the last partial batch.
+    num_steps: how many batches to yield; None: without end.
+    prefetch: batches placed on the devices ahead of the consumer.
+    vrange: (lo, hi) for ``intensity="minmax"`` of non-uint8 folder images
+      (``Dataset.intensity_range`` of an in-memory load, or known limits).
+  Yields:
+    jax.Array uint8 (batch_size, S, S, C), sharded ``P("data")`` over ``mesh``.
+  """
+  source = data_config.get("source")
+  if batch_size % mesh.devices.size:
+    raise DataError(f"batch_size={batch_size} is not divisible by the {mesh.devices.size} devices")
+  if source == "folder":
+    host = _folder_host_batches(data_config, batch_size, seed, start_step, num_steps, vrange)
+  elif source == "tfds":
+    host = _tfds_host_batches(data_config, batch_size, seed, start_step, num_steps)
+  else:
+    raise DataError(f"streaming reads data.source 'folder' or 'tfds', not {source!r}; the other "
+                    "sources fit in memory (jaxembed.data.load)")
+  return _to_device(host, mesh, prefetch)
+
+
+def _to_device(host_batches, mesh, prefetch):
+  """Starts the transfer of up to ``prefetch`` batches before the consumer asks for them."""
+  queue = collections.deque()
+  for batch in host_batches:
+    queue.append(parallel.shard_batch(mesh, batch))
+    if len(queue) > prefetch:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
