@@ -688,7 +688,8 @@ def write_cluster_report(outdir, embedding, images=None, labels=None, ids=None, 
     title: title of the figures; default names the method and k.
 
   Returns:
-    The dict written to clusters.json.
+    The dict written to clusters.json, plus ``assignments`` ((N,) int, -1
+    noise) and ``feature_assignments`` (or None), which the JSON leaves out.
   """
   from jaxembed import workdir  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(outdir):
@@ -773,7 +774,9 @@ def write_cluster_report(outdir, embedding, images=None, labels=None, ids=None, 
   report["files"]["map"] = MAP_FILE
   report["files"]["json"] = JSON_FILE
   workdir.write_json(os.path.join(outdir, JSON_FILE), report)
-  return report
+  # The per-point clusters for callers (plots.embedding_html), not in the JSON.
+  return dict(report, assignments=result.assignments,
+              feature_assignments=None if feat_result is None else feat_result.assignments)
 
 
 def _ari(a, b):

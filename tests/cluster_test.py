@@ -283,8 +283,11 @@ def test_write_cluster_report(tmp_path):
   assert saved["map"]["k"] == 3 and saved["map"]["metrics"]["ari"] == pytest.approx(1.0)
   assert saved["features"]["metrics"]["ari"] == pytest.approx(1.0)
   assert saved["features"]["ari_with_map_clusters"] == pytest.approx(1.0)
+  assignments = rep.pop("assignments")
+  assert rep.pop("feature_assignments").shape == (90,)
   assert saved == json.loads(json.dumps(rep))
   ref = cluster.fit_clusters(x, "kmeans", k_range=(2, 6))
+  np.testing.assert_array_equal(assignments, ref.assignments)
   with open(tmp_path / cluster.ASSIGNMENTS_FILE) as f:
     rows = list(csv.reader(f))
   assert rows[0] == ["id", "cluster", "feature_cluster"]
@@ -313,3 +316,61 @@ def test_report_without_images_or_labels(tmp_path):
     cluster.write_cluster_report(str(tmp_path), x, features=np.zeros((3, 4)))
   with pytest.raises(ValueError, match="does not exist"):
     cluster.write_cluster_report(str(tmp_path / "missing"), x)
+
+
+def _load_module(relpath):
+  """A repository file (configs/, scripts/: not packages) imported by path."""
+  import importlib.util
+  import sys
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+  if root not in sys.path:
+    sys.path.insert(0, root)  # configs/digits.py imports configs.common
+  spec = importlib.util.spec_from_file_location(
+      os.path.basename(relpath)[:-3], os.path.join(root, relpath))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _fake_digits_run(path, shuffle_ids=False):
+  """A workdir with the digits config and an embeddings.npz whose map separates the classes."""
+  from jaxembed import configlib, data
+  digits = _load_module("configs/digits.py")
+  config = digits.get_config()
+  config.data.image_size = 8  # no resizing: faster
+  with open(path / "config.json", "w") as f:
+    f.write(configlib.to_json(config))
+  ds = data.load(config.data)
+  labels = np.concatenate([ds.train_labels, ds.test_labels])
+  ids = np.concatenate([ds.train_ids, ds.test_ids])
+  if shuffle_ids:
+    ids = ids[::-1]
+  rng = np.random.default_rng(0)
+  angles = 2 * np.pi * np.arange(10) / 10
+  centres = np.stack([np.cos(angles), np.sin(angles)], 1) * 20
+  emb = centres[labels] + rng.standard_normal((len(labels), 2))
+  np.savez(path / "embeddings.npz", embedding=emb.astype(np.float32), head=emb,
+           features=np.concatenate([emb, rng.standard_normal((len(emb), 3))], 1),
+           labels=labels, split=np.array(["train"] * len(ds.train_ids) + ["test"] * len(ds.test_ids)),
+           ids=ids)
+  return labels
+
+
+def test_cluster_report_script(tmp_path, capsys):
+  cluster_report = _load_module("scripts/cluster_report.py")
+  labels = _fake_digits_run(tmp_path)
+  assert cluster_report.main(["--workdir", str(tmp_path), "--method", "kmeans", "--k_max", "12",
+                              "--no_features"]) == 0
+  out = capsys.readouterr().out
+  assert "ARI" in out and "map" in out
+  with open(tmp_path / cluster.JSON_FILE) as f:
+    saved = json.load(f)
+  assert saved["map"]["k"] == 10 and "features" not in saved
+  assert saved["map"]["metrics"]["ari"] == pytest.approx(1.0)
+  assert saved["map"]["metrics"]["n_points"] == len(labels)
+  assert saved["map"]["clusters"][0]["central_ids"][0].startswith("digits:")
+  # Data that no longer matches the run is refused with exit status 2.
+  _fake_digits_run(tmp_path, shuffle_ids=True)
+  assert cluster_report.main(["--workdir", str(tmp_path)]) == 2
+  assert "ids differ" in capsys.readouterr().err
+  assert cluster_report.main(["--workdir", str(tmp_path / "none")]) == 2
