@@ -5,7 +5,7 @@ and a MedMNIST file all become uint8 (N, H, W, C) images with int64 labels
 by the same documented rules (docs/data.md).
 
 Intensity scaling (``data.intensity``) of images that are not uint8:
-  minmax     v' = round(255 * (v - lo) / (hi - lo)) with lo, hi the minimum
+  minmax     v' = floor(255 * (v - lo) / (hi - lo) + 0.5) with lo, hi the minimum
              and maximum over the whole dataset (the training split's range
              is reused for the test split and for later images, clipped);
   per_image  the same with lo, hi of each image on its own;
@@ -28,7 +28,7 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _CHUNK = 4096  # images per chunk when scaling, to bound float temporaries
 
 
-def check_images(images, what="images"):
+def check_images(images, what="images", allow_empty=False):
   """Returns ``images`` as an (N, H, W, C) array with C in {1, 3}; raises DataError otherwise."""
   a = np.asarray(images)
   if a.dtype == object or a.dtype.kind in "USMmVc":
@@ -47,7 +47,7 @@ def check_images(images, what="images"):
   if a.shape[-1] not in (1, 3):
     raise DataError(f"{what}: {a.shape[-1]} channels in shape {a.shape}; images must have "
                     "1 (gray) or 3 (RGB) channels in the last axis")
-  if a.shape[0] == 0:
+  if a.shape[0] == 0 and not allow_empty:
     raise DataError(f"{what}: no images (shape {a.shape})")
   if a.shape[1] == 0 or a.shape[2] == 0:
     raise DataError(f"{what}: images of zero size (shape {a.shape})")
@@ -145,13 +145,12 @@ def to_uint8(images, intensity="minmax", window=None, vrange=None, what="images"
     if intensity == "per_image":
       axes = tuple(range(1, x.ndim))
       lo, hi = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
-      span = hi - lo
-      scale = np.where(span > 0, 255.0 / np.where(span > 0, span, 1.0), 0.0)
     else:
       lo, hi = rng
-      scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    y = (np.clip(x, lo, hi) - lo) * scale
-    out[s:s + _CHUNK] = np.clip(np.round(y), 0, 255).astype(np.uint8)
+    span = np.maximum(np.asarray(hi, np.float64) - lo, 0.0)
+    # Multiply before dividing so that exact halves stay exact; halves round up.
+    y = (np.clip(x, lo, hi) - lo) * 255.0 / np.where(span > 0, span, np.inf)
+    out[s:s + _CHUNK] = np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8)
   return out
 
 

@@ -102,7 +102,7 @@ def read_npz(path, name, train_split=None, test_split=None):
               f"{splits}. A MedMNIST .npz has train_images, train_labels, val_images, "
               f"val_labels, test_images, test_labels; found keys {sorted(keys)}")
         try:
-          x = convert.check_images(npz[f"{s}_images"], f"{path}: {s}_images")
+          x = convert.check_images(npz[f"{s}_images"], f"{path}: {s}_images", allow_empty=True)
           y = convert.check_labels(npz[f"{s}_labels"], len(x), f"{path}: {s}_labels")
         except ValueError as e:
           if isinstance(e, DataError):
@@ -117,6 +117,8 @@ def read_npz(path, name, train_split=None, test_split=None):
       if len({y.shape[1:] for y in ys}) > 1:
         raise DataError(f"{path}: splits {parts} have different label layouts "
                         f"{[y.shape for y in ys]}")
+      if default == "train+val" and not sum(len(x) for x in xs):
+        raise DataError(f"{path}: no images in the training split(s) {parts}")
       out.append((np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)))
   return out[0], out[1]
 
