@@ -107,8 +107,10 @@ def _folder_host_batches(data_config, batch_size, seed, start_step, num_steps, v
     try:
       yield from ds.as_numpy_iterator()
     except tf.errors.OpError as e:  # a DataError raised inside tf.numpy_function
+      found = [ln.strip() for ln in e.message.splitlines() if "DataError" in ln]
       raise DataError(f"streaming {data_config.get('path')}: "
-                      f"{e.message.strip().splitlines()[-1]}") from None
+                      + (found[0].split("DataError: ", 1)[-1] if found
+                         else e.message.strip().splitlines()[0])) from None
   return batches()
 
 
