@@ -4,7 +4,8 @@ Training data live on the device as uint8 (uploaded once, replicated); each
 step receives only the indices of its images, a slice of a permutation that
 depends on (seed, epoch) alone, so a resumed run sees the same batches.
 The images are gathered inside the jitted step, which keeps host-to-device
-traffic at a few bytes per image.
+traffic at a few bytes per image. Data too large for device memory are
+streamed instead (jaxembed.data.streaming, same batches for folders).
 """
 
 import numpy as np
