@@ -1,4 +1,4 @@
-"""Exact evaluation metrics of an embedding, in JAX: kNN accuracy, silhouette, neighbourhood preservation.
+"""Exact evaluation metrics of an embedding, in JAX: kNN accuracy, silhouette, neighbourhoods.
 
 The t-SimCNE paper (Böhm, Berens, Kobak, ICLR 2023) scores a 2D map by the
 accuracy of a kNN classifier with k=15 fit on the training points and by the
@@ -107,7 +107,8 @@ def _chunk_rows(n_ref, n_query, n_devices, chunk_size):
     budget = _BLOCK_BYTES.get(jax.devices()[0].platform, _BLOCK_BYTES_ACCELERATOR)
     per_device = max(8, budget // (4 * max(n_ref, 1)))
     chunk_size = per_device * n_devices
-  elif isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+  elif (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
   # No point in chunks much larger than the query set; powers of two keep
   # the number of distinct shapes, and so of compilations, small.

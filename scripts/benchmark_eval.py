@@ -7,9 +7,9 @@ For n 2D points in 10 Gaussian clusters it times
 and records each one's peak resident memory above the level before the call
 (sampled every 2 ms from /proc/self/statm). JAX times are of a second call,
 after compilation, unless noted; a second call reuses memory that the first
-freed, so the first call's peak (which includes compilation) is kept too. scikit-learn's silhouette is quadratic in
-time on one core and is only run up to --sklearn_silhouette_max points (it
-takes about a minute at 60k on this kind of machine).
+freed, so the first call's peak (which includes compilation) is kept too.
+scikit-learn's silhouette is quadratic in time and is only run up to
+--sklearn_silhouette_max points (it takes about a minute at 60k on 2 cores).
 
 Prints a table and writes scripts/results/benchmark_eval.json.
 
