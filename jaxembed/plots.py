@@ -74,8 +74,13 @@ def _write_bytes(path, data):
     f.write(data)
 
 
-def thumbnail_uris(images, max_side=48):
-  """Each uint8 (H, W, C) image as a small PNG data URI."""
+def thumbnail_uris(images, max_side=64):
+  """Each uint8 (H, W, C) image as a small PNG data URI.
+
+  Images larger than ``max_side`` are shrunk; smaller ones keep their size
+  (the page scales them up with crisp pixels), which keeps a page of tens
+  of thousands of thumbnails small.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   uris = []
   for img in images:
@@ -83,44 +88,78 @@ def thumbnail_uris(images, max_side=48):
     img = img[..., 0] if img.shape[-1] == 1 else img
     pil = Image.fromarray(img)
     scale = max_side / max(pil.size)
-    if scale > 1:
-      pil = pil.resize((int(pil.size[0] * scale), int(pil.size[1] * scale)), Image.NEAREST)
+    if scale < 1:
+      pil = pil.resize((max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale))),
+                       Image.BILINEAR)
     buf = io.BytesIO()
-    pil.save(buf, format="PNG")
+    pil.save(buf, format="PNG", optimize=True)
     uris.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
   return uris
 
 
 def embedding_html(path, xy, labels=None, ids=None, split=None, images=None, title="embedding",
-                   max_thumbnails=20000, seed=0):
+                   max_thumbnails=10000, seed=0, neighbours=None, class_names=None):
   """A self-contained page (works offline): pan, zoom, hover for image/label/id, click for neighbours.
 
-  Points are drawn on a canvas, so tens of thousands stay fluid. Thumbnails
-  are embedded for at most ``max_thumbnails`` sampled points; ``images=None``
-  leaves every image out of the page (for data that must not be shared).
+  Points are drawn on a canvas, so 60,000 and more stay fluid. Thumbnails
+  are embedded for at most ``max_thumbnails`` sampled points (hovering any
+  other point shows its label and id only); ``images=None`` leaves every
+  image out of the page (for data that must not be shared).
+
+  Args:
+    path: the .html file to write.
+    xy: (N, 2) map coordinates.
+    labels: optional (N,) or (N, k) labels (colours and legend).
+    ids: optional (N,) ids shown on hover; default the row index.
+    split: optional (N,) split names shown on hover.
+    images: optional (N, H, W, C) uint8 images for thumbnails.
+    title: page title.
+    max_thumbnails: thumbnails embedded at most (a random sample).
+    seed: seed of that sample.
+    neighbours: optional (N, k) int indices of each point's nearest
+      neighbours (e.g. in backbone-feature space, from
+      ``search.nearest``); clicking a point lists them. Without it, clicking
+      lists the nearest points on the map.
+    class_names: optional names of the label values, for the legend.
   """
   from jaxembed import workdir  # pylint: disable=g-import-not-at-top
   xy = np.asarray(xy, np.float32)
   n = len(xy)
+  if xy.ndim != 2 or xy.shape[1] < 2:
+    raise ValueError(f"xy must be an (N, 2) array, got shape {xy.shape}")
   if labels is not None:
     cats, inv = _label_colors(labels)
     label_text = workdir.label_strings(labels).tolist()
+    names = [str(c) for c in cats]
+    if class_names:
+      names = [f"{c} {class_names[int(c)]}" if 0 <= int(c) < len(class_names) else str(c)
+               for c in cats]
   else:
-    cats, inv, label_text = np.array(["all"]), np.zeros(n, int), [""] * n
+    inv, label_text, names = np.zeros(n, int), [""] * n, ["all"]
   thumbs = {}
   if images is not None:
+    if len(images) != n:
+      raise ValueError(f"{len(images)} images for {n} points; pass one image per point")
     rng = np.random.default_rng(seed)
     chosen = np.arange(n) if n <= max_thumbnails else np.sort(
         rng.choice(n, max_thumbnails, replace=False))
-    thumbs = dict(zip(chosen.tolist(), thumbnail_uris(images[chosen])))
+    thumbs = dict(zip(chosen.tolist(), thumbnail_uris(np.asarray(images)[chosen])))
+  nb = None
+  if neighbours is not None:
+    nb = np.asarray(neighbours)
+    if nb.ndim != 2 or len(nb) != n:
+      raise ValueError(f"neighbours must be an (N, k) index array, got shape {nb.shape}")
+    nb = [[int(j) for j in row if j != i][:10] for i, row in enumerate(nb)]
   payload = {
-      "title": title,
+      "title": str(title),
       "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
-      "c": inv.astype(int).tolist(), "cats": [str(c) for c in cats],
+      "c": inv.astype(int).tolist(), "cats": names,
       "label": label_text,
       "id": [str(i) for i in (ids if ids is not None else range(n))],
       "split": [str(s) for s in (split if split is not None else [""] * n)],
       "thumbs": {str(k): v for k, v in thumbs.items()},
+      "hasImages": images is not None,
+      "nb": nb,
   }
   page = _HTML.replace("__TITLE__", _escape(title)).replace(
       "__DATA__", json.dumps(payload, separators=(",", ":")).replace("</", "<\\/"))
@@ -136,16 +175,20 @@ _HTML = r"""<!DOCTYPE html>
 <style>
  body{margin:0;font:13px sans-serif;display:flex;height:100vh;overflow:hidden}
  #plot{flex:1;position:relative} canvas{display:block;width:100%;height:100%;cursor:crosshair}
- #side{width:260px;overflow:auto;border-left:1px solid #ccc;padding:8px;box-sizing:border-box}
+ #side{width:280px;overflow:auto;border-left:1px solid #ccc;padding:8px;box-sizing:border-box}
  #tip{position:absolute;pointer-events:none;background:#fff;border:1px solid #888;padding:4px;
-      display:none;box-shadow:0 1px 4px rgba(0,0,0,.3);max-width:220px}
- #tip img,#side img{image-rendering:pixelated;width:64px;height:64px;display:block}
- .nb{display:flex;gap:6px;align-items:center;margin:3px 0}
+      display:none;box-shadow:0 1px 4px rgba(0,0,0,.3);max-width:220px;word-break:break-all}
+ #tip img{image-rendering:pixelated;width:96px;height:96px;display:block}
+ #side img{image-rendering:pixelated;width:48px;height:48px;display:block}
+ .nb{display:flex;gap:6px;align-items:center;margin:3px 0;cursor:pointer}
+ .lg{cursor:pointer;user-select:none} .lg.off{opacity:.35}
  .sw{display:inline-block;width:10px;height:10px;margin-right:4px}
+ button{font-size:12px}
 </style></head><body>
 <div id="plot"><canvas id="c"></canvas><div id="tip"></div></div>
-<div id="side"><b id="ttl"></b><p>Drag to pan, wheel to zoom, hover for details, click for
-nearest neighbours on the map.</p><div id="legend"></div><div id="nbs"></div></div>
+<div id="side"><b id="ttl"></b><p>Drag to pan, wheel to zoom, hover for details, click a point
+for its nearest neighbours; click a legend entry to hide or show its points.
+<button id="reset">reset view</button></p><div id="legend"></div><div id="nbs"></div></div>
 <script id="data" type="application/json">__DATA__</script>
 <script>
 "use strict";
@@ -155,75 +198,105 @@ const PAL = ["#1f77b4","#ff7f0e","#2ca02c","#d62728","#9467bd","#8c564b","#e377c
   "#bcbd22","#17becf","#aec7e8","#ffbb78","#98df8a","#ff9896","#c5b0d5","#c49c94","#f7b6d2",
   "#c7c7c7","#dbdb8d","#9edae5"];
 const color = i => PAL[i % PAL.length];
+const esc = s => String(s).replace(/[&<>"]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}[c]));
 document.getElementById("ttl").textContent = D.title;
+// Points grouped by category: one fillStyle change per category keeps 60k points fast.
+const byCat = D.cats.map(() => []);
+for (let i = 0; i < N; i++) byCat[D.c[i]].push(i);
+const hidden = new Set();
 const legend = document.getElementById("legend");
-D.cats.forEach((c, i) => { const d = document.createElement("div");
-  d.innerHTML = '<span class="sw"></span>'; d.firstChild.style.background = color(i);
-  d.appendChild(document.createTextNode(c)); legend.appendChild(d); });
+D.cats.forEach((c, k) => { const d = document.createElement("div"); d.className = "lg";
+  d.innerHTML = '<span class="sw"></span>'; d.firstChild.style.background = color(k);
+  d.appendChild(document.createTextNode(c + " (" + byCat[k].length + ")"));
+  d.addEventListener("click", () => { if (hidden.has(k)) hidden.delete(k); else hidden.add(k);
+    d.classList.toggle("off"); request(); });
+  legend.appendChild(d); });
 const cv = document.getElementById("c"), ctx = cv.getContext("2d"), tip = document.getElementById("tip");
-let W = 0, H = 0, scale = 1, ox = 0, oy = 0, sel = -1, hover = -1;
+let W = 0, H = 0, scale = 1, ox = 0, oy = 0, sel = -1, hover = -1, pending = false;
 function fit() {
-  const r = cv.getBoundingClientRect(); W = cv.width = r.width; H = cv.height = r.height;
+  const r = cv.getBoundingClientRect(), dpr = window.devicePixelRatio || 1;
+  W = r.width; H = r.height; cv.width = Math.round(W * dpr); cv.height = Math.round(H * dpr);
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
-  for (let i = 0; i < N; i++) { x0 = Math.min(x0, D.x[i]); x1 = Math.max(x1, D.x[i]);
-    y0 = Math.min(y0, D.y[i]); y1 = Math.max(y1, D.y[i]); }
-  scale = 0.9 * Math.min(W / ((x1 - x0) || 1), H / ((y1 - y0) || 1));
+  for (let i = 0; i < N; i++) { if (D.x[i] < x0) x0 = D.x[i]; if (D.x[i] > x1) x1 = D.x[i];
+    if (D.y[i] < y0) y0 = D.y[i]; if (D.y[i] > y1) y1 = D.y[i]; }
+  if (!N) { x0 = y0 = -1; x1 = y1 = 1; }
+  scale = 0.92 * Math.min(W / ((x1 - x0) || 1), H / ((y1 - y0) || 1));
   ox = W / 2 - scale * (x0 + x1) / 2; oy = H / 2 + scale * (y0 + y1) / 2;
 }
 const sx = i => ox + scale * D.x[i], sy = i => oy - scale * D.y[i];
-const r = Math.max(1.2, Math.min(4, 300 / Math.sqrt(N)));
+const R = Math.max(1.5, Math.min(5, 300 / Math.sqrt(Math.max(N, 1))));
 function draw() {
+  pending = false;
   ctx.clearRect(0, 0, W, H);
-  for (let i = 0; i < N; i++) { ctx.fillStyle = color(D.c[i]);
-    ctx.fillRect(sx(i) - r / 2, sy(i) - r / 2, r, r); }
-  for (const i of [sel, hover]) if (i >= 0) { ctx.strokeStyle = "#000"; ctx.beginPath();
-    ctx.arc(sx(i), sy(i), r + 3, 0, 6.3); ctx.stroke(); }
+  const r = R * Math.min(3, Math.max(1, Math.sqrt(scale / scale0)));
+  byCat.forEach((pts, k) => { if (hidden.has(k)) return; ctx.fillStyle = color(k);
+    for (const i of pts) { const x = sx(i), y = sy(i);
+      if (x < -r || y < -r || x > W + r || y > H + r) continue;
+      ctx.fillRect(x - r / 2, y - r / 2, r, r); } });
+  for (const i of [sel, hover]) if (i >= 0) { ctx.strokeStyle = "#000"; ctx.lineWidth = 1.5;
+    ctx.beginPath(); ctx.arc(sx(i), sy(i), r + 3, 0, 2 * Math.PI); ctx.stroke(); }
 }
+function request() { if (!pending) { pending = true; requestAnimationFrame(draw); } }
 function nearestScreen(px, py, maxd) {
   let best = -1, bd = maxd * maxd;
-  for (let i = 0; i < N; i++) { const dx = sx(i) - px, dy = sy(i) - py, d = dx * dx + dy * dy;
+  for (let i = 0; i < N; i++) { if (hidden.has(D.c[i])) continue;
+    const dx = sx(i) - px, dy = sy(i) - py, d = dx * dx + dy * dy;
     if (d < bd) { bd = d; best = i; } }
   return best;
 }
-function neighbours(i, k) {
+function mapNeighbours(i, k) {
   const d = [];
   for (let j = 0; j < N; j++) if (j !== i) { const dx = D.x[j] - D.x[i], dy = D.y[j] - D.y[i];
     d.push([dx * dx + dy * dy, j]); }
-  d.sort((a, b) => a[0] - b[0]); return d.slice(0, k);
+  d.sort((a, b) => a[0] - b[0]); return d.slice(0, k).map(p => p[1]);
 }
 function describe(i) {
-  const t = D.thumbs[i] ? '<img alt="" src="' + D.thumbs[i] + '">' : "";
-  const esc = s => String(s).replace(/[&<>]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;"}[c]));
-  return t + "<div>label " + esc(D.label[i]) + (D.split[i] ? " (" + esc(D.split[i]) + ")" : "") +
+  let t = "";
+  if (D.thumbs[i]) t = '<img alt="" src="' + D.thumbs[i] + '">';
+  else if (D.hasImages) t = "<i>(no thumbnail: not in the sample)</i>";
+  return t + "<div>label " + esc(D.label[i] || "-") + (D.split[i] ? " (" + esc(D.split[i]) + ")" : "") +
          "<br>id " + esc(D.id[i]) + "</div>";
 }
+function pos(e) { const r = cv.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; }
 let drag = null;
-cv.addEventListener("mousedown", e => { drag = [e.offsetX, e.offsetY, ox, oy, false]; });
+cv.addEventListener("mousedown", e => { const [x, y] = pos(e); drag = [x, y, ox, oy, false]; });
 window.addEventListener("mouseup", e => {
-  if (drag && !drag[4]) { sel = nearestScreen(e.offsetX, e.offsetY, 10); showNeighbours(); draw(); }
+  if (drag && !drag[4]) { const [x, y] = pos(e); sel = nearestScreen(x, y, 10); showNeighbours(); request(); }
   drag = null; });
 cv.addEventListener("mousemove", e => {
-  if (drag) { const dx = e.offsetX - drag[0], dy = e.offsetY - drag[1];
+  const [x, y] = pos(e);
+  if (drag) { const dx = x - drag[0], dy = y - drag[1];
     if (Math.abs(dx) + Math.abs(dy) > 3) drag[4] = true;
-    ox = drag[2] + dx; oy = drag[3] + dy; draw(); return; }
-  hover = nearestScreen(e.offsetX, e.offsetY, 8);
-  if (hover >= 0) { tip.innerHTML = describe(hover); tip.style.display = "block";
-    tip.style.left = (e.offsetX + 12) + "px"; tip.style.top = (e.offsetY + 12) + "px"; }
+    ox = drag[2] + dx; oy = drag[3] + dy; tip.style.display = "none"; request(); return; }
+  const h = nearestScreen(x, y, 8);
+  if (h >= 0) { tip.innerHTML = describe(h); tip.style.display = "block";
+    tip.style.left = Math.min(x + 12, W - 230) + "px"; tip.style.top = Math.min(y + 12, H - 150) + "px"; }
   else tip.style.display = "none";
-  draw();
+  if (h !== hover) { hover = h; request(); }
 });
-cv.addEventListener("wheel", e => { e.preventDefault(); const f = Math.exp(-e.deltaY * 0.0015);
-  ox = e.offsetX - f * (e.offsetX - ox); oy = e.offsetY - f * (e.offsetY - oy); scale *= f; draw(); },
-  {passive: false});
+cv.addEventListener("mouseleave", () => { tip.style.display = "none"; hover = -1; request(); });
+cv.addEventListener("wheel", e => { e.preventDefault(); const [x, y] = pos(e);
+  const f = Math.exp(-e.deltaY * 0.0015);
+  ox = x - f * (x - ox); oy = y - f * (y - oy); scale *= f; request(); }, {passive: false});
 function showNeighbours() {
   const box = document.getElementById("nbs");
   if (sel < 0) { box.innerHTML = ""; return; }
-  let html = "<h4>Selected</h4>" + describe(sel) + "<h4>Nearest on the map</h4>";
-  for (const [d, j] of neighbours(sel, 10))
-    html += '<div class="nb">' + describe(j) + "<div>d=" + Math.sqrt(d).toFixed(3) + "</div></div>";
+  const feat = D.nb && D.nb[sel];
+  const list = feat ? D.nb[sel] : mapNeighbours(sel, 10);
+  let html = "<h4>Selected</h4>" + describe(sel) + "<h4>Nearest " +
+      (feat ? "in feature space" : "on the map") + "</h4>";
+  for (const j of list) { const dx = D.x[j] - D.x[sel], dy = D.y[j] - D.y[sel];
+    html += '<div class="nb" data-i="' + j + '">' + describe(j) + "<div>map d=" +
+            Math.sqrt(dx * dx + dy * dy).toFixed(3) + "</div></div>"; }
   box.innerHTML = html;
+  box.querySelectorAll(".nb").forEach(el => el.addEventListener("click", () => {
+    sel = +el.dataset.i; showNeighbours(); request(); }));
 }
-window.addEventListener("resize", () => { fit(); draw(); });
-fit(); draw();
+document.getElementById("reset").addEventListener("click", () => { fit(); request(); });
+window.addEventListener("resize", () => { fit(); request(); });
+fit();
+const scale0 = scale;
+draw();
 </script></body></html>
 """

@@ -1,0 +1,528 @@
+"""Finding images by similarity: exact nearest neighbours, near-duplicates and outliers of a run.
+
+``nearest`` is an exact brute-force search on the accelerator: the index is
+split over the devices of the ``data`` mesh, every device keeps the top k of
+its shard block by block (so memory stays bounded for large index sets),
+and the per-device candidates are merged. ``near_duplicates`` and
+``outliers`` build on it and return tables (dicts of equal-length arrays)
+that ``write_table`` turns into CSV.
+
+Command line::
+
+  python -m jaxembed.search --workdir DIR --query IMAGE_OR_ID [--k 10]
+      [--space features|embedding] [--metric cosine|euclidean]
+
+embeds the query image with the run's model (or takes the stored vectors of
+an id in ``embeddings.npz``), prints the ids and distances of its nearest
+neighbours and saves a PNG strip of the query and its neighbours.
+"""
+
+import csv
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxembed import parallel
+
+METRICS = ("euclidean", "cosine")
+
+
+# ------------------------------------------------------------------- kNN search
+
+
+def _check_matrix(x, name):
+  x = np.asarray(x)
+  if x.ndim != 2:
+    raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {x.shape}")
+  if x.dtype.kind not in "iuf":
+    raise TypeError(f"{name} must be numeric, got dtype {x.dtype}")
+  x = x.astype(np.float32)
+  if not np.isfinite(x).all():
+    raise ValueError(f"{name} contains NaN or infinite values; remove those rows first")
+  return x
+
+
+def _normalise(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@functools.lru_cache(maxsize=32)
+def _search_fn(mesh, k, metric, block, num_blocks):
+  """Jitted (queries, index, valid) -> (distances, indices) for one query chunk."""
+
+  def local(q, x, valid):
+    # q: (m, d) replicated; x: (num_blocks * block, d) this device's shard.
+    shard = jax.lax.axis_index(parallel.DATA_AXIS)
+    base = shard * num_blocks * block
+    qq = jnp.sum(q * q, axis=1, keepdims=True)
+
+    def body(carry, b):
+      best_d, best_i = carry
+      xb = jax.lax.dynamic_slice_in_dim(x, b * block, block)
+      vb = jax.lax.dynamic_slice_in_dim(valid, b * block, block)
+      dot = jnp.dot(q, xb.T, precision=jax.lax.Precision.HIGHEST)
+      if metric == "cosine":
+        d = 1.0 - dot
+      else:
+        d = jnp.maximum(qq + jnp.sum(xb * xb, axis=1)[None] - 2.0 * dot, 0.0)
+      d = jnp.where(vb[None], d, jnp.inf)
+      idx = base + b * block + jnp.arange(block, dtype=jnp.int32)
+      cand_d = jnp.concatenate([best_d, d], axis=1)
+      cand_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, d.shape)], axis=1)
+      neg, pos = jax.lax.top_k(-cand_d, k)
+      return (-neg, jnp.take_along_axis(cand_i, pos, axis=1)), None
+
+    init = (jnp.full((q.shape[0], k), jnp.inf, jnp.float32),
+            jnp.full((q.shape[0], k), -1, jnp.int32))
+    (best_d, best_i), _ = jax.lax.scan(body, init, jnp.arange(num_blocks))
+    return best_d[None], best_i[None]
+
+  sharded = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(), P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
+      out_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)), check_vma=False)
+
+  def fn(q, x, valid):
+    if metric == "cosine":
+      q = _normalise(q)
+    d, i = sharded(q, x, valid)     # (ndev, m, k) each
+    d = jnp.moveaxis(d, 0, 1).reshape(q.shape[0], -1)
+    i = jnp.moveaxis(i, 0, 1).reshape(q.shape[0], -1)
+    neg, pos = jax.lax.top_k(-d, k)                            # merge the devices' candidates
+    return -neg, jnp.take_along_axis(i, pos, axis=1)
+
+  repl = parallel.replicated(mesh)
+  return jax.jit(fn, in_shardings=(repl, parallel.batch_sharding(mesh),
+                                   parallel.batch_sharding(mesh)),
+                 out_shardings=(repl, repl))
+
+
+def nearest(index_features, query_features, k=10, metric="euclidean", mesh=None,
+            query_chunk=1024, block=8192):
+  """The exact ``k`` nearest index rows of every query row (brute force on the devices).
+
+  Args:
+    index_features: (n, d) array to search in.
+    query_features: (m, d) queries.
+    k: neighbours per query (at most n).
+    metric: "euclidean" (distance) or "cosine" (1 - cosine similarity).
+    mesh: the ``data`` mesh; default all devices. The index is split over it.
+    query_chunk: queries per device call (bounds the (queries x block) tile).
+    block: index rows per device compared at once.
+  Returns:
+    (distances, indices): (m, k) float32 and int64, nearest first. Ties are
+    broken towards the lower index within a block.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+  x = _check_matrix(index_features, "index_features")
+  q = _check_matrix(query_features, "query_features")
+  if x.shape[1] != q.shape[1]:
+    raise ValueError(f"index_features have {x.shape[1]} columns but query_features "
+                     f"{q.shape[1]}; both must come from the same space")
+  n = len(x)
+  if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+    raise ValueError(f"k must be an integer in [1, {n}] (the index size), got {k!r}")
+  if len(q) == 0:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+  mesh = mesh or parallel.make_mesh()
+  ndev = mesh.devices.size
+  if metric == "cosine":
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  per_dev = -(-n // ndev)
+  block = int(max(k, min(block, per_dev)))
+  num_blocks = -(-per_dev // block)
+  padded = ndev * num_blocks * block
+  xp = np.zeros((padded, x.shape[1]), np.float32)
+  valid = np.zeros((padded,), bool)
+  # Rows are laid out so that device s holds the contiguous range [s*per, (s+1)*per).
+  per = num_blocks * block
+  for s in range(ndev):
+    rows = np.arange(s * per_dev, min(n, (s + 1) * per_dev))
+    xp[s * per:s * per + len(rows)] = x[rows]
+    valid[s * per:s * per + len(rows)] = True
+  # Map padded positions back to original rows.
+  back = np.full((padded,), -1, np.int64)
+  for s in range(ndev):
+    rows = np.arange(s * per_dev, min(n, (s + 1) * per_dev))
+    back[s * per:s * per + len(rows)] = rows
+  fn = _search_fn(mesh, int(k), metric, block, num_blocks)
+  xg = parallel.global_from_full(mesh, xp)
+  vg = parallel.global_from_full(mesh, valid)
+  ds, is_ = [], []
+  for start in range(0, len(q), query_chunk):
+    d, i = fn(q[start:start + query_chunk], xg, vg)
+    ds.append(np.asarray(jax.device_get(d)))
+    is_.append(np.asarray(jax.device_get(i)))
+  d, i = np.concatenate(ds), back[np.concatenate(is_)]
+  if metric == "euclidean":
+    d = np.sqrt(d)
+  return d.astype(np.float32), i
+
+
+def _neighbours_excluding_self(x, k, metric, mesh=None):
+  """kNN of every row of x among the others: (distances, indices) (n, k)."""
+  k_eff = min(k + 1, len(x))
+  d, i = nearest(x, x, k_eff, metric=metric, mesh=mesh)
+  n = len(x)
+  rows = np.arange(n)[:, None]
+  keep = i != rows
+  # Drop the self-match (or, with exact duplicates, one extra column) per row.
+  out_d = np.zeros((n, k_eff - 1), np.float32)
+  out_i = np.zeros((n, k_eff - 1), np.int64)
+  for r in range(n):
+    sel = np.flatnonzero(keep[r])[:k_eff - 1]
+    out_d[r], out_i[r] = d[r, sel], i[r, sel]
+  return out_d, out_i
+
+
+# ------------------------------------------------------------------ duplicates
+
+
+def near_duplicates(features, threshold=0.01, metric="cosine", k=5, images=None, ids=None,
+                    labels=None, split=None, mesh=None):
+  """Pairs of near-identical images: exact copies and slightly altered ones.
+
+  Candidates are each image's ``k`` nearest neighbours in ``features``; a
+  pair is reported when its distance is at most ``threshold``. With
+  ``images``, byte-identical copies are found by hashing as well, whatever
+  their feature distance.
+
+  Args:
+    features: (n, d) backbone features (or any vectors).
+    threshold: the largest distance that counts as a duplicate (cosine
+      distance 1 - cos by default).
+    metric: "cosine" or "euclidean".
+    k: neighbours examined per image.
+    images: optional (n, ...) images, for the ``identical`` column and hashing.
+    ids, labels, split: optional (n,) columns; labels may be (n, k) multi-label.
+    mesh: device mesh for the search.
+  Returns:
+    A table (dict of equal-length arrays) sorted by distance: ``i``, ``j``
+    (i < j), ``distance``, ``score`` (1 - distance for cosine, 1 / (1 +
+    distance) for Euclidean), ``identical`` (byte-identical images),
+    ``cross_split`` (the two sit in different splits: train/test leakage),
+    ``label_conflict`` (their labels differ), and ``id_i``/``id_j``,
+    ``label_i``/``label_j``, ``split_i``/``split_j`` where given.
+  """
+  x = _check_matrix(features, "features")
+  n = len(x)
+  if not threshold >= 0:
+    raise ValueError(f"threshold must be >= 0, got {threshold}")
+  pairs = {}
+  if n >= 2:
+    d, nb = _neighbours_excluding_self(x, min(k, n - 1), metric, mesh)
+    for r, c in zip(*np.nonzero(d <= threshold)):
+      a, b = sorted((int(r), int(nb[r, c])))
+      pairs[(a, b)] = float(d[r, c])
+  identical = set()
+  if images is not None:
+    images = np.asarray(images)
+    if len(images) != n:
+      raise ValueError(f"{len(images)} images for {n} feature rows; pass one image per row")
+    groups = {}
+    for idx in range(n):
+      groups.setdefault(images[idx].tobytes(), []).append(idx)
+    for members in groups.values():
+      for a_pos, a in enumerate(members):
+        for b in members[a_pos + 1:]:
+          identical.add((a, b))
+          if (a, b) not in pairs:
+            pairs[(a, b)] = _distance(x[a], x[b], metric)
+  keys = sorted(pairs, key=lambda p: (pairs[p], p))
+  i = np.array([p[0] for p in keys], np.int64)
+  j = np.array([p[1] for p in keys], np.int64)
+  dist = np.array([pairs[p] for p in keys], np.float32)
+  table = {"i": i, "j": j, "distance": dist,
+           "score": (1.0 - dist) if metric == "cosine" else 1.0 / (1.0 + dist),
+           "identical": np.array([p in identical for p in keys], bool)}
+  if split is not None:
+    split = np.asarray(split).astype(str)
+    table["cross_split"] = split[i] != split[j]
+  else:
+    table["cross_split"] = np.zeros(len(i), bool)
+  if labels is not None:
+    labels = np.asarray(labels)
+    lab = labels.reshape(len(labels), -1)
+    table["label_conflict"] = (lab[i] != lab[j]).any(axis=1)
+  else:
+    table["label_conflict"] = np.zeros(len(i), bool)
+  _add_columns(table, i, j, ids=ids, labels=labels, split=split)
+  return table
+
+
+def _distance(a, b, metric):
+  if metric == "cosine":
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(1.0 - a @ b / max(na * nb, 1e-12))
+  return float(np.linalg.norm(a - b))
+
+
+def _add_columns(table, i, j, ids=None, labels=None, split=None):
+  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
+  if ids is not None:
+    ids = np.asarray(ids).astype(str)
+    table["id_i"], table["id_j"] = ids[i], ids[j]
+  if labels is not None:
+    lab = workdir.label_strings(labels)
+    table["label_i"], table["label_j"] = lab[i], lab[j]
+  if split is not None:
+    table["split_i"], table["split_j"] = split[i], split[j]
+
+
+# -------------------------------------------------------------------- outliers
+
+
+def outliers(embedding, labels=None, k=15, disagreement=0.5, isolation=3.0, ids=None,
+             mesh=None):
+  """Images whose 2-D neighbours disagree with their label, or that sit isolated on the map.
+
+  Both are candidates for mislabels and artefacts. For every point the
+  ``k`` nearest other points on the map are found. A labelled point is
+  flagged ``label`` when more than ``disagreement`` of its neighbours carry
+  another label (the majority of them one label that is not its own). A
+  point is flagged ``isolated`` when its mean distance to its neighbours is
+  more than ``isolation`` times the median of that over all points.
+
+  Args:
+    embedding: (n, 2) map (any (n, d) works).
+    labels: optional (n,) int labels; -1 means unknown and is never flagged
+      as a label disagreement. Multi-label (n, k) rows compare as a whole.
+    k: neighbours per point (the reference's kNN k, 15).
+    disagreement: fraction of neighbours with another label above which a
+      point is flagged.
+    isolation: ratio of the mean neighbour distance to its median above
+      which a point is flagged.
+    ids: optional (n,) ids, copied into the table.
+    mesh: device mesh for the search.
+  Returns:
+    A table (dict of arrays) of the flagged points sorted by ``score``
+    (highest first): ``index``, ``score`` in [0, 1] (the disagreeing
+    fraction for label flags, 1 - 1/ratio for isolation; the larger where
+    both apply), ``reason`` (text), ``disagreement`` (fraction), ``isolation``
+    (ratio), ``neighbour_label`` (the most common neighbour label, -1 without
+    labels) and ``label``/``id`` where given.
+  """
+  x = _check_matrix(embedding, "embedding")
+  n = len(x)
+  if n < 2:
+    raise ValueError(f"outliers need at least 2 points, got {n}")
+  k = min(k, n - 1)
+  dist, nb = _neighbours_excluding_self(x, k, "euclidean", mesh)
+  mean_d = dist.mean(axis=1)
+  ratio = mean_d / max(float(np.median(mean_d)), 1e-12)
+  frac = np.zeros(n, np.float32)
+  nb_label = np.full(n, -1, np.int64)
+  known = np.zeros(n, bool)
+  label_strs = None
+  if labels is not None:
+    from jaxembed import workdir  # pylint: disable=g-import-not-at-top
+    labels = np.asarray(labels)
+    if len(labels) != n:
+      raise ValueError(f"{len(labels)} labels for {n} points; pass one label per point")
+    label_strs = workdir.label_strings(labels)
+    codes = np.unique(label_strs, return_inverse=True)[1].reshape(-1)
+    known = (labels.reshape(n, -1) >= 0).all(axis=1)
+    frac = (codes[nb] != codes[:, None]).mean(axis=1).astype(np.float32)
+    for r in range(n):
+      vals, counts = np.unique(codes[nb[r]], return_counts=True)
+      nb_label_code = vals[np.argmax(counts)]
+      nb_label[r] = nb_label_code
+    # Report the neighbours' majority label in the user's terms where single-label.
+    if labels.ndim == 1:
+      code_to_label = np.zeros(codes.max() + 1, labels.dtype)
+      code_to_label[codes] = labels
+      nb_label = code_to_label[nb_label]
+  # More than half disagreeing means the own label is not the neighbours' majority.
+  flag_label = known & (frac > disagreement)
+  flag_iso = ratio > isolation
+  score = np.maximum(np.where(flag_label, frac, 0.0),
+                     np.where(flag_iso, 1.0 - 1.0 / np.maximum(ratio, 1e-12), 0.0))
+  flagged = np.flatnonzero(flag_label | flag_iso)
+  flagged = flagged[np.lexsort((flagged, -score[flagged]))]
+  reasons = []
+  for r in flagged:
+    parts = []
+    if flag_label[r]:
+      parts.append(f"label {label_strs[r]}: {int(round(frac[r] * k))}/{k} map neighbours "
+                   f"differ (mostly {nb_label[r]})")
+    if flag_iso[r]:
+      parts.append(f"isolated: neighbours {ratio[r]:.1f}x farther than typical")
+    reasons.append("; ".join(parts))
+  table = {"index": flagged.astype(np.int64), "score": score[flagged].astype(np.float32),
+           "reason": np.array(reasons, dtype=str).reshape(-1),
+           "disagreement": frac[flagged], "isolation": ratio[flagged].astype(np.float32),
+           "neighbour_label": nb_label[flagged]}
+  if labels is not None:
+    table["label"] = label_strs[flagged]
+  if ids is not None:
+    table["id"] = np.asarray(ids).astype(str)[flagged]
+  return table
+
+
+# ---------------------------------------------------------------------- tables
+
+
+def write_table(path, table):
+  """Writes a table (dict of equal-length 1-D arrays) as CSV, atomically."""
+  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
+  cols = list(table)
+  n = len(table[cols[0]]) if cols else 0
+  with workdir.atomic_open(path, "w") as f:
+    w = csv.writer(f)
+    w.writerow(cols)
+    for r in range(n):
+      row = []
+      for c in cols:
+        v = table[c][r]
+        if isinstance(v, (float, np.floating)):
+          row.append(f"{float(v):.6g}")
+        elif isinstance(v, (bool, np.bool_)):
+          row.append(str(bool(v)).lower())
+        else:
+          row.append(str(v))
+      w.writerow(row)
+
+
+# ------------------------------------------------------------------ strip image
+
+
+def neighbour_strip(path, query_image, images, captions, query_caption="query"):
+  """A PNG row: the query image, then its neighbours, each with a caption."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from jaxembed import plots  # pylint: disable=g-import-not-at-top
+  items = [(query_image, query_caption)] + list(zip(images, captions))
+  fig, axes = plt.subplots(1, len(items), figsize=(1.3 * len(items), 1.7), dpi=110,
+                           squeeze=False)
+  for ax, (img, cap) in zip(axes[0], items):
+    img = np.asarray(img)
+    if img is not None and img.size:
+      ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
+                interpolation="nearest")
+    ax.set_title(cap, fontsize=6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for spine in axes[0][0].spines.values():
+    spine.set_edgecolor("red")
+    spine.set_linewidth(2)
+  fig.tight_layout()
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  plt.close(fig)
+  plots._write_bytes(path, buf.getvalue())  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Run directory written by jaxembed.train.")
+  flags.DEFINE_string("query", None, "Image file (PNG, JPEG, ...), .npy of one image, or an id "
+                      "from the embeddings file.")
+  flags.DEFINE_integer("k", 10, "Number of neighbours.")
+  flags.DEFINE_enum("space", "features", ["features", "embedding"],
+                    "Search in backbone-feature space or on the 2-D map.")
+  flags.DEFINE_enum("metric", None, list(METRICS),
+                    "Distance; default cosine for features, euclidean for the map.")
+  flags.DEFINE_string("embeddings", None, "Embeddings file to search (default "
+                      "DIR/embeddings.npz, or one written by jaxembed.export).")
+  flags.DEFINE_string("data", None, "Data source of the embeddings file's images, for the "
+                      "picture (default: the run's data).")
+  flags.DEFINE_string("out", None, "PNG strip of the query and its neighbours (default "
+                      "DIR/search/<query>.png).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from jaxembed import cli  # pylint: disable=g-import-not-at-top
+  from jaxembed import export  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if not f.workdir:
+    cli.fail("--workdir is required (a run directory written by jaxembed.train)")
+  if not f.query:
+    cli.fail("--query is required: an image file, a .npy image, or an id from embeddings.npz")
+  emb_path = f.embeddings or os.path.join(f.workdir, "embeddings.npz")
+  if not os.path.isfile(emb_path):
+    cli.fail(f"{emb_path} not found; train the run to the end or run jaxembed.export first "
+             "(or pass --embeddings)")
+  with np.load(emb_path, allow_pickle=False) as z:
+    stored = {key: z[key] for key in z.files}
+  ids = stored["ids"].astype(str)
+  key = "features" if f.space == "features" else "embedding"
+  metric = f.metric or ("cosine" if f.space == "features" else "euclidean")
+  index = stored[key]
+  k = min(f.k, len(index) - 1 if f.query in ids else len(index))
+  if k < 1:
+    cli.fail(f"--k must be >= 1, got {f.k}")
+  query_image = None
+  if f.query in ids and not os.path.exists(f.query):
+    q_row = int(np.flatnonzero(ids == f.query)[0])
+    query = index[q_row][None]
+    d, nb = nearest(index, query, k + 1, metric=metric)
+    keep = nb[0] != q_row
+    d, nb = d[0][keep][:k], nb[0][keep][:k]
+  else:
+    q_row = None
+    if not os.path.exists(f.query):
+      cli.fail(f"--query {f.query!r} is neither a file nor an id in {emb_path} "
+               f"(ids look like {ids[0]!r})")
+    from jaxembed import trainer  # pylint: disable=g-import-not-at-top
+    model, variables, config, _ = trainer.load_trained(f.workdir, f.step)
+    run = export.run_info(f.workdir)
+    query_image = export.read_query_image(f.query, config, run)
+    out = export.embed_images(model, variables, query_image, config)
+    query = out["features"] if f.space == "features" else out["z"][:, :2]
+    if query.shape[1] != index.shape[1]:
+      cli.fail(f"the model's {f.space} have {query.shape[1]} dimensions but {emb_path} has "
+               f"{index.shape[1]}; was it written by this run?")
+    d, nb = nearest(index, query, k, metric=metric)
+    d, nb = d[0], nb[0]
+    query_image = query_image[0]
+  print(f"query: {f.query}  ({f.space}, {metric}, {len(index)} images)")
+  print(f"{'rank':>4}  {'distance':>10}  {'label':>6}  {'split':>6}  id")
+  labels = stored.get("labels")
+  from jaxembed import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  lab = workdir_lib.label_strings(labels) if labels is not None else [""] * len(ids)
+  split = stored.get("split", np.array([""] * len(ids))).astype(str)
+  for r, (dist, j) in enumerate(zip(d, nb), 1):
+    print(f"{r:>4}  {dist:>10.5f}  {lab[j]:>6}  {split[j]:>6}  {ids[j]}")
+  # The picture: the images behind the ids.
+  try:
+    images_by_id = export.images_for_ids(f.workdir, [ids[j] for j in nb]
+                                         + ([ids[q_row]] if q_row is not None else []),
+                                         data=f.data)
+  except (ValueError, OSError) as e:
+    print(f"warning: no picture: cannot load the images ({e})", flush=True)
+    return
+  if q_row is not None:
+    query_image = images_by_id[ids[q_row]]
+  name = os.path.splitext(os.path.basename(str(f.query)))[0] or "query"
+  name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+  out_png = f.out or os.path.join(f.workdir, "search", f"{name}.png")
+  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+  neighbour_strip(out_png, query_image, [images_by_id[ids[j]] for j in nb],
+                  [f"{dist:.3g} / {lab[j]}" for dist, j in zip(d, nb)])
+  print(f"Picture of the query and its neighbours: {out_png}")
+
+
+def run():
+  from jaxembed import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
+  from jaxembed.data import DataError  # pylint: disable=g-import-not-at-top
+  cli.run(main, user_errors=(ValueError, TypeError, KeyError, FileNotFoundError,
+                             workdir.WorkdirError, DataError))
+
+
+if __name__ == "__main__":
+  run()
