@@ -29,7 +29,6 @@ import csv
 import dataclasses
 import io
 import os
-import warnings
 
 import numpy as np
 
@@ -548,8 +547,8 @@ def cluster_sheet_png(path, descriptions, images=None, labels=None, ids=None, ti
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  keys = None if labels is None else _label_keys(labels, len(images if images is not None
-                                                            else ids))
+  n = len(images) if images is not None else len(ids)
+  keys = None if labels is None else _label_keys(labels, n)
   n_c = max([len(d["central"]) for d in descriptions] + [1])
   n_b = max([len(d["border"]) for d in descriptions] + [0])
   cell, gap, band = thumb_px + 4, thumb_px // 2, 14 if keys is not None else 0
@@ -569,12 +568,12 @@ def cluster_sheet_png(path, descriptions, images=None, labels=None, ids=None, ti
     tax = fig.add_axes([0.01, y0, text_in / fig_w - 0.01, row_h])
     tax.axis("off")
     name = "noise" if desc["cluster"] < 0 else f"cluster {desc['cluster']}"
-    lines = [f"{name}: {desc['size']} ({100 * desc['fraction']:.1f}%)"]
+    lines = [f"{name}: {desc['size']} ({100 * desc['fraction']:.1f}%)"
+             + (", a random sample" if desc["cluster"] < 0 else "")]
     if "top_labels" in desc:
       lines.append("labels: " + ", ".join(f"{lab} {100 * f:.0f}%"
                                           for lab, _, f in desc["top_labels"]))
-    tax.text(0.0, 0.5, "\n".join(lines), fontsize=8, va="center", ha="left",
-             fontweight="normal")
+    tax.text(0.0, 0.5, "\n".join(lines), fontsize=8, va="center", ha="left")
     sax = fig.add_axes([text_in / fig_w, y0, strip_w * px_in / fig_w, row_h])
     sax.axis("off")
     idx = list(desc["central"]) + list(desc["border"])
@@ -586,15 +585,14 @@ def cluster_sheet_png(path, descriptions, images=None, labels=None, ids=None, ti
       continue
     strip = np.full((strip_h, strip_w, 3), 255, np.uint8)
     for j, i in enumerate(idx):
-      x0 = j * cell + (gap if j >= len(desc["central"]) else 0) + 2
       # The border group starts after the widest central group, in every row.
-      if j >= len(desc["central"]):
-        x0 = (n_c + j - len(desc["central"])) * cell + gap + 2
+      j_b = j - len(desc["central"])
+      x0 = (j * cell if j_b < 0 else (n_c + j_b) * cell + gap) + 2
       strip[2:2 + thumb_px, x0:x0 + thumb_px] = _thumb(images[i], thumb_px)
       if keys is not None:
         sax.text(x0 + thumb_px / 2, cell + band / 2, str(keys[i]), fontsize=6, ha="center",
                  va="center", color="0.2")
-    if n_b:
+    if desc["border"]:
       sep = n_c * cell + gap // 2
       strip[2:cell - 2, sep - 1:sep + 1] = 150
     sax.imshow(strip, interpolation="nearest", extent=(0, strip_w, strip_h, 0))

@@ -374,3 +374,16 @@ def test_cluster_report_script(tmp_path, capsys):
   assert cluster_report.main(["--workdir", str(tmp_path)]) == 2
   assert "ids differ" in capsys.readouterr().err
   assert cluster_report.main(["--workdir", str(tmp_path / "none")]) == 2
+
+
+def test_sheet_with_rgb_float_images(tmp_path):
+  from PIL import Image
+  x, y = blobs(n_per=15, k=2)
+  r = cluster.fit_clusters(x, "kmeans", n_clusters=2)
+  desc = cluster.describe_clusters(r, x, y, n_central=3, n_border=2)
+  images = np.zeros((30, 10, 6, 3))
+  images[:, :, :, 0] = 1.0  # red, not square
+  cluster.cluster_sheet_png(str(tmp_path / "s.png"), desc, images=images, labels=y)
+  with Image.open(tmp_path / "s.png") as im:
+    pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+  assert ((pixels[:, 0] > 240) & (pixels[:, 1] < 15) & (pixels[:, 2] < 15)).sum() > 500
