@@ -208,7 +208,7 @@ def output_paths(out):
 
 
 def export(workdir, data=None, out=None, step=None, overwrite=False, plots=True,
-           thumbnails=True, tables=True, duplicate_threshold=0.01, batch_size=None, mesh=None,
+           thumbnails=True, tables=True, duplicate_threshold=None, batch_size=None, mesh=None,
            verbose=True):
   """Embeds ``data`` with the checkpoint of ``workdir`` and writes the files of ``output_paths``.
 
@@ -223,7 +223,9 @@ def export(workdir, data=None, out=None, step=None, overwrite=False, plots=True,
     thumbnails: embed image thumbnails in the HTML (False keeps images out).
     tables: write the near-duplicate and outlier tables.
     duplicate_threshold: cosine distance of backbone features at or below
-      which two images count as near-duplicates.
+      which two images count as near-duplicates; None: a tenth of the
+      median distance of an image to its nearest neighbour (byte-identical
+      images are always reported).
     batch_size: images per inference step (default ``eval.batch_size``).
     mesh: device mesh (default: all devices).
     verbose: print what was written.
@@ -310,8 +312,9 @@ def _define_flags():
   flags.DEFINE_bool("thumbnails", True, "Embed image thumbnails in the HTML page (--nothumbnails "
                     "keeps every image out of it, e.g. for patient data).")
   flags.DEFINE_bool("tables", True, "Write the near-duplicate and outlier tables.")
-  flags.DEFINE_float("duplicate_threshold", 0.01, "Cosine distance of backbone features at or "
-                     "below which two images count as near-duplicates.")
+  flags.DEFINE_float("duplicate_threshold", None, "Cosine distance of backbone features at or "
+                     "below which two images count as near-duplicates (default: a tenth of the "
+                     "median nearest-neighbour distance; identical images are always listed).")
   flags.DEFINE_integer("batch_size", None, "Images per inference step (default: the run's "
                        "eval.batch_size).")
 

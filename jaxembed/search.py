@@ -183,8 +183,8 @@ def _neighbours_excluding_self(x, k, metric, mesh=None):
 # ------------------------------------------------------------------ duplicates
 
 
-def near_duplicates(features, threshold=0.01, metric="cosine", k=5, images=None, ids=None,
-                    labels=None, split=None, mesh=None):
+def near_duplicates(features, threshold=None, metric="cosine", k=5, images=None, ids=None,
+                    labels=None, split=None, mesh=None, relative_threshold=0.1):
   """Pairs of near-identical images: exact copies and slightly altered ones.
 
   Candidates are each image's ``k`` nearest neighbours in ``features``; a
@@ -195,12 +195,16 @@ def near_duplicates(features, threshold=0.01, metric="cosine", k=5, images=None,
   Args:
     features: (n, d) backbone features (or any vectors).
     threshold: the largest distance that counts as a duplicate (cosine
-      distance 1 - cos by default).
+      distance 1 - cos by default). None: ``relative_threshold`` times the
+      median distance of an image to its nearest other image, which adapts
+      to how spread out a model's features are.
     metric: "cosine" or "euclidean".
     k: neighbours examined per image.
     images: optional (n, ...) images, for the ``identical`` column and hashing.
     ids, labels, split: optional (n,) columns; labels may be (n, k) multi-label.
     mesh: device mesh for the search.
+    relative_threshold: the fraction of the median nearest-neighbour
+      distance used when ``threshold`` is None.
   Returns:
     A table (dict of equal-length arrays) sorted by distance: ``i``, ``j``
     (i < j), ``distance``, ``score`` (1 - distance for cosine, 1 / (1 +
@@ -211,11 +215,13 @@ def near_duplicates(features, threshold=0.01, metric="cosine", k=5, images=None,
   """
   x = _check_matrix(features, "features")
   n = len(x)
-  if not threshold >= 0:
+  if threshold is not None and not threshold >= 0:
     raise ValueError(f"threshold must be >= 0, got {threshold}")
   pairs = {}
   if n >= 2:
     d, nb = _neighbours_excluding_self(x, min(k, n - 1), metric, mesh)
+    if threshold is None:
+      threshold = relative_threshold * float(np.median(d[:, 0]))
     for r, c in zip(*np.nonzero(d <= threshold)):
       a, b = sorted((int(r), int(nb[r, c])))
       pairs[(a, b)] = float(d[r, c])

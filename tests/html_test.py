@@ -49,7 +49,7 @@ _PROBE_END = r"""<script>
   window.dispatchEvent(new MouseEvent("mouseup", {clientX: x, clientY: y, bubbles: true}));
   out.neighbours = document.querySelectorAll("#nbs .nb").length;
   const pre = document.createElement("pre");
-  pre.id = "probe-result"; pre.textContent = JSON.stringify(out);
+  pre.id = "probe-result"; pre.style.display = "none"; pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
 })();
 </script>"""
