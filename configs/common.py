@@ -28,12 +28,22 @@ def get_config():
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
-  c.data.source = "digits"          # digits | medmnist | folder | tfds | arrays
+  c.data.source = "digits"          # digits | medmnist | folder | tfds | idx | arrays
   c.data.path = config_dict.placeholder(str)   # file or folder for medmnist/folder
-  c.data.name = config_dict.placeholder(str)   # TFDS name
-  c.data.image_size = 16            # images are resized to this (square)
+  c.data.name = config_dict.placeholder(str)   # TFDS name, or MedMNIST name with data.dir
+  # A folder of MedMNIST .npz files (<name>.npz, <name>_64.npz, ...), or the TFDS data_dir.
+  c.data.dir = config_dict.placeholder(str)
+  # None: the source's default (medmnist "train+val", tfds "train"); "a+b" joins splits.
+  c.data.train_split = config_dict.placeholder(str)
+  # None: "test"; "none" splits test_fraction off the training split.
+  c.data.test_split = config_dict.placeholder(str)
+  c.data.image_key = "image"        # TFDS feature names
+  c.data.label_key = "label"
+  c.data.image_size = 16            # images are resized to this (square); 0 keeps the source size
   c.data.channels = config_dict.placeholder(int)  # 1 or 3; None keeps the source's
-  c.data.test_fraction = 0.2        # for sources without a test split (digits)
+  # Held out for evaluation by sources without a test split: digits (0, 1);
+  # others [0, 1), where 0 means no test split.
+  c.data.test_fraction = 0.2
   c.data.max_examples = config_dict.placeholder(int)
   c.data.classes = config_dict.placeholder(tuple)  # keep only these labels
   c.data.intensity = "minmax"       # for non-uint8 images: minmax | per_image | window
@@ -109,7 +119,8 @@ def get_config():
   c.stages.head_init = ("lecun", "normal", "keep")
   # Standard deviation of the first coordinate of a 'pca'-initialised output.
   c.stages.pca_init_std = 10.0
-  # Which parameters train: all | head_out (only the output layer).
+  # Which parameters train: all | projector (backbone frozen) | head_out (only
+  # the output layer, the reference's stage 2).
   c.stages.trainable = ("all", "head_out", "all")
 
   # ---------------------------------------------------------- evaluation

@@ -12,7 +12,7 @@ import ml_collections
 OPTIMIZERS = ("sgd", "adamw", "lars")
 LOSSES = ("cauchy", "cosine")
 HEAD_INITS = ("lecun", "normal", "pca", "keep")
-TRAINABLE = ("all", "head_out")
+TRAINABLE = ("all", "projector", "head_out")
 DTYPES = ("float32", "bfloat16")
 
 

@@ -35,7 +35,9 @@ def _infonce_from_logits(logits):
 def _stack_views(z1, z2):
   if z1.shape != z2.shape or z1.ndim != 2:
     raise ValueError(f"expected two (B, d) views of the same shape, got {z1.shape} and {z2.shape}")
-  return jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
+  z = jnp.concatenate([z1, z2], axis=0)
+  # At least float32 (bf16 inputs are promoted); float64 stays float64.
+  return z.astype(jnp.promote_types(z.dtype, jnp.float32))
 
 
 def cauchy_infonce(z1, z2):

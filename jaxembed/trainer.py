@@ -105,19 +105,26 @@ def make_optimizer(opt_config, lr, trainable, params):
   if trainable == "all":
     return tx
   labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: "train" if _is_head_out(path) else "freeze", params)
+      lambda path, _: "train" if is_trainable(path, trainable) else "freeze", params)
   return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
-def _is_head_out(path):
+def is_trainable(path, trainable):
+  """Whether the parameter at ``path`` trains: all | projector (backbone frozen) | head_out."""
   keys = [getattr(p, "key", None) for p in path]
-  return keys[:2] == ["projector", "out"]
+  if trainable == "all":
+    return True
+  if trainable == "projector":
+    return keys[:1] == ["projector"]
+  if trainable == "head_out":
+    return keys[:2] == ["projector", "out"]
+  raise configlib.ConfigError(f"unknown trainable {trainable!r}; use one of {configlib.TRAINABLE}")
 
 
 # ------------------------------------------------------------------- train step
 
 
-def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh):
+def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable="all"):
   """The jitted step: gather the batch, augment two views, loss on the global batch, update.
 
   A step whose loss or gradients are not finite leaves the state unchanged
@@ -132,14 +139,26 @@ def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh):
     x = jnp.concatenate([augment.augment_batch(k1, images, aug),
                          augment.augment_batch(k2, images, aug)])
 
-    def loss_of(params):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state["params"])
+    train_mask = [is_trainable(path, trainable) for path, _ in leaves]
+
+    def loss_of(train_leaves):
+      # Gradients are taken only for the parameters that train, so a frozen
+      # backbone costs no backward pass.
+      it = iter(train_leaves)
+      params = jax.tree_util.tree_unflatten(
+          treedef, [next(it) if m else leaf for m, (_, leaf) in zip(train_mask, leaves)])
       out, updated = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
                                  train=True, mutable=["batch_stats"],
                                  rngs={"dropout": jax.random.fold_in(key, 2)})
       z = out["z"]
       return loss_fn(z[:batch_size], z[batch_size:]), updated["batch_stats"]
 
-    (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    (loss, batch_stats), train_grads = jax.value_and_grad(loss_of, has_aux=True)(
+        [leaf for m, (_, leaf) in zip(train_mask, leaves) if m])
+    it = iter(train_grads)
+    grads = jax.tree_util.tree_unflatten(
+        treedef, [next(it) if m else jnp.zeros_like(leaf) for m, (_, leaf) in zip(train_mask, leaves)])
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -162,9 +181,18 @@ def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh):
 # ------------------------------------------------------------------ state set-up
 
 
+# Parameter initialisation runs once; XLA's optimisation passes cost more time
+# compiling it (3-4x on a 2-core CPU) than they could ever save running it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def init_variables(model, key, image_shape):
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
+  init = jax.jit(lambda k: model.init(k, dummy, train=False))
+  try:
+    variables = init.lower(key).compile(compiler_options=FAST_COMPILE)(key)
+  except Exception:  # a backend without these options  # pylint: disable=broad-except
+    variables = init(key)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
@@ -209,19 +237,27 @@ def make_state(params, batch_stats, tx, step):
 
 
 def evaluate_embedding(model, variables, ds, mesh, config):
-  """Embeds train and test images; kNN accuracy (train -> test) and silhouette of test (DESIGN 3c)."""
+  """Embeds train and test images; kNN accuracy (train -> test) and silhouette of test (DESIGN 3c).
+
+  Metrics need single-label data: unlabelled (-1) or multi-label runs are
+  embedded but not scored, and a run without a test split is scored only
+  under the paper protocol.
+  """
   train = embedding.embed(model, variables, ds.train_images, mesh, config.eval.batch_size)
-  test = embedding.embed(model, variables, ds.test_images, mesh, config.eval.batch_size)
+  test = (embedding.embed(model, variables, ds.test_images, mesh, config.eval.batch_size)
+          if len(ds.test_images) else {k: v[:0] for k, v in train.items()})
   metrics = {"protocol": config.eval.protocol, "head_dim": int(train["z"].shape[1])}
-  if ds.train_labels.ndim == 1 and len(ds.test_labels):
-    if config.eval.protocol == "paper":
-      metrics.update(_paper_metrics(train, test, ds, config))
-    else:
-      k = min(config.eval.knn_k, len(ds.train_labels))
-      metrics["knn_accuracy"] = float(evaluate.knn_accuracy(
-          train["z"], ds.train_labels, test["z"], ds.test_labels, k=k))
-      if len(np.unique(ds.test_labels)) > 1:
-        metrics["silhouette"] = float(evaluate.silhouette_score(test["z"], ds.test_labels))
+  labelled = ds.train_labels.ndim == 1 and bool(np.all(ds.train_labels >= 0))
+  if not labelled:
+    return metrics, train, test
+  if config.eval.protocol == "paper":
+    metrics.update(_paper_metrics(train, test, ds, config))
+  elif len(ds.test_labels):
+    k = min(config.eval.knn_k, len(ds.train_labels))
+    metrics["knn_accuracy"] = float(evaluate.knn_accuracy(
+        train["z"], ds.train_labels, test["z"], ds.test_labels, k=k))
+    if 1 < len(np.unique(ds.test_labels)) < len(ds.test_labels):
+      metrics["silhouette"] = float(evaluate.silhouette_score(test["z"], ds.test_labels))
   return metrics, train, test
 
 
@@ -330,7 +366,8 @@ def train_and_evaluate(config, workdir):
   for s in stages[stage.index:]:
     if s.index > stage.index:
       model, state, tx = _enter_stage(config, s, model, state, ds, mesh, spe, root_key)
-    train_step = make_train_step(model, tx, loss_fn, config.aug, config.batch_size, mesh)
+    train_step = make_train_step(model, tx, loss_fn, config.aug, config.batch_size, mesh,
+                                 s.trainable)
     if main:
       print(f"Stage {s.index + 1}/{len(stages)}: {s.epochs} epochs ({s.num_steps} steps"
             f" of {config.batch_size}), head_dim {s.head_dim}, trains {s.trainable}, "
