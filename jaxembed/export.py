@@ -261,8 +261,13 @@ def export(workdir, data=None, out=None, step=None, overwrite=False, plots=True,
                                         src["ids"])
   labels = src["labels"]
   labelled = bool((np.asarray(labels) >= 0).any())
+  # One feature-space search serves the duplicate table and the page's neighbour lists.
+  knn = None
+  if len(src["images"]) > 1 and (tables or plots):
+    knn = search.self_neighbours(arrays["features"], min(10, len(src["images"]) - 1),
+                                 metric="cosine", mesh=mesh)
   if tables:
-    dup = search.near_duplicates(arrays["features"], threshold=duplicate_threshold,
+    dup = search.near_duplicates(arrays["features"], threshold=duplicate_threshold, knn=knn,
                                  images=src["images"], ids=src["ids"],
                                  labels=labels if labelled else None, split=src["split"],
                                  mesh=mesh)
@@ -278,10 +283,7 @@ def export(workdir, data=None, out=None, step=None, overwrite=False, plots=True,
     plots_lib.scatter_png(paths["png"], arrays["embedding"], labels if labelled else None,
                           title=title, images=src["images"],
                           num_thumbnails=min(40, len(src["images"]) // 25))
-    neighbours = None
-    if len(src["images"]) > 1:
-      neighbours = search.nearest(arrays["features"], arrays["features"],
-                                  min(11, len(src["images"])), metric="cosine", mesh=mesh)[1]
+    neighbours = knn[1] if knn is not None else None
     plots_lib.embedding_html(paths["html"], arrays["embedding"], labels if labelled else None,
                              src["ids"], src["split"],
                              images=src["images"] if thumbnails else None, title=title,

@@ -164,27 +164,33 @@ def nearest(index_features, query_features, k=10, metric="euclidean", mesh=None,
   return d.astype(np.float32), i
 
 
-def _neighbours_excluding_self(x, k, metric, mesh=None):
-  """kNN of every row of x among the others: (distances, indices) (n, k)."""
+def self_neighbours(x, k, metric="euclidean", mesh=None):
+  """The k nearest *other* rows of every row of x: (distances, indices), each (n, k)."""
   k_eff = min(k + 1, len(x))
   d, i = nearest(x, x, k_eff, metric=metric, mesh=mesh)
-  n = len(x)
-  rows = np.arange(n)[:, None]
-  keep = i != rows
-  # Drop the self-match (or, with exact duplicates, one extra column) per row.
-  out_d = np.zeros((n, k_eff - 1), np.float32)
-  out_i = np.zeros((n, k_eff - 1), np.int64)
-  for r in range(n):
-    sel = np.flatnonzero(keep[r])[:k_eff - 1]
-    out_d[r], out_i[r] = d[r, sel], i[r, sel]
-  return out_d, out_i
+  return drop_self(d, i, k_eff - 1)
+
+
+def drop_self(d, i, k):
+  """Removes each row's own index from a self-search result and keeps k columns.
+
+  With exact duplicates the row itself need not come first, so it is
+  removed wherever it is (or the last column, where it is absent).
+  """
+  n = len(i)
+  is_self = i == np.arange(n)[:, None]
+  drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), i.shape[1] - 1)
+  keep = np.ones_like(is_self)
+  keep[np.arange(n), drop] = False
+  cols = i.shape[1] - 1
+  return (d[keep].reshape(n, cols)[:, :k], i[keep].reshape(n, cols)[:, :k])
 
 
 # ------------------------------------------------------------------ duplicates
 
 
 def near_duplicates(features, threshold=None, metric="cosine", k=5, images=None, ids=None,
-                    labels=None, split=None, mesh=None, relative_threshold=0.1):
+                    labels=None, split=None, mesh=None, relative_threshold=0.1, knn=None):
   """Pairs of near-identical images: exact copies and slightly altered ones.
 
   Candidates are each image's ``k`` nearest neighbours in ``features``; a
@@ -205,6 +211,8 @@ def near_duplicates(features, threshold=None, metric="cosine", k=5, images=None,
     mesh: device mesh for the search.
     relative_threshold: the fraction of the median nearest-neighbour
       distance used when ``threshold`` is None.
+    knn: optional precomputed ``self_neighbours(features, k, metric)``
+      (saves a search where the caller has one).
   Returns:
     A table (dict of equal-length arrays) sorted by distance: ``i``, ``j``
     (i < j), ``distance``, ``score`` (1 - distance for cosine, 1 / (1 +
@@ -219,7 +227,7 @@ def near_duplicates(features, threshold=None, metric="cosine", k=5, images=None,
     raise ValueError(f"threshold must be >= 0, got {threshold}")
   pairs = {}
   if n >= 2:
-    d, nb = _neighbours_excluding_self(x, min(k, n - 1), metric, mesh)
+    d, nb = knn if knn is not None else self_neighbours(x, min(k, n - 1), metric, mesh)
     if threshold is None:
       threshold = relative_threshold * float(np.median(d[:, 0]))
     for r, c in zip(*np.nonzero(d <= threshold)):
@@ -318,7 +326,7 @@ def outliers(embedding, labels=None, k=15, disagreement=0.5, isolation=3.0, ids=
   if n < 2:
     raise ValueError(f"outliers need at least 2 points, got {n}")
   k = min(k, n - 1)
-  dist, nb = _neighbours_excluding_self(x, k, "euclidean", mesh)
+  dist, nb = self_neighbours(x, k, "euclidean", mesh)
   mean_d = dist.mean(axis=1)
   ratio = mean_d / max(float(np.median(mean_d)), 1e-12)
   frac = np.zeros(n, np.float32)
@@ -334,10 +342,9 @@ def outliers(embedding, labels=None, k=15, disagreement=0.5, isolation=3.0, ids=
     codes = np.unique(label_strs, return_inverse=True)[1].reshape(-1)
     known = (labels.reshape(n, -1) >= 0).all(axis=1)
     frac = (codes[nb] != codes[:, None]).mean(axis=1).astype(np.float32)
-    for r in range(n):
-      vals, counts = np.unique(codes[nb[r]], return_counts=True)
-      nb_label_code = vals[np.argmax(counts)]
-      nb_label[r] = nb_label_code
+    votes = np.zeros((n, codes.max() + 1), np.int32)
+    np.add.at(votes, (np.repeat(np.arange(n), k), codes[nb].reshape(-1)), 1)
+    nb_label = votes.argmax(axis=1)  # the most common neighbour label (lowest on ties)
     # Report the neighbours' majority label in the user's terms where single-label.
     if labels.ndim == 1:
       code_to_label = np.zeros(codes.max() + 1, labels.dtype)

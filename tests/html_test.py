@@ -83,7 +83,7 @@ def render(page_path, screenshot=None, probe=True, timeout=90):
     r = subprocess.run(cmd + ["file://" + probed], capture_output=True, text=True,
                        timeout=timeout)
   console = [l for l in r.stderr.splitlines() if ":CONSOLE" in l]
-  m = re.search(r'<pre id="probe-result">(.*?)</pre>', r.stdout, re.S)
+  m = re.search(r'<pre id="probe-result"[^>]*>(.*?)</pre>', r.stdout, re.S)
   result = json.loads(m.group(1).replace("&amp;", "&").replace("&lt;", "<").replace(
       "&gt;", ">").replace("&quot;", '"')) if m else None
   return result, console

@@ -161,3 +161,12 @@ def test_search_cli(tmp_path_factory, tmp_path):
                       "--query", "no-such-id"], capture_output=True, text=True, env=env,
                      timeout=300)
   assert r.returncode == 2 and r.stderr.startswith("error: --query 'no-such-id'")
+
+
+def test_self_neighbours_with_exact_duplicates():
+  # Rows 0 and 1 coincide: each must get the other, never itself, whatever the tie order.
+  x = np.array([[0, 0], [0, 0], [1, 1], [5, 5]], np.float32)
+  d, i = search.self_neighbours(x, 2)
+  np.testing.assert_array_equal(i[:2, 0], [1, 0])
+  assert (i != np.arange(4)[:, None]).all()
+  np.testing.assert_allclose(d[:, 0], [0, 0, np.sqrt(2), np.sqrt(32)], rtol=1e-6)
