@@ -159,7 +159,7 @@ def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable=
     it = iter(train_grads)
     grads = jax.tree_util.tree_unflatten(
         treedef, [next(it) if m else jnp.zeros_like(leaf) for m, (_, leaf) in zip(train_mask, leaves)])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

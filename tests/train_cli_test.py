@@ -130,3 +130,55 @@ def test_workdir_under_a_file_is_refused(tmp_path):
                    timeout=120)
   assert proc.returncode == 2 and "cannot create --workdir" in proc.stderr
   assert target.read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_tensorboard_events_read_back(smoke_run):
+  workdir, first = smoke_run
+  assert first.returncode == 0
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"images": 0, "scalars": 0})
+  acc.Reload()
+  tags = acc.Tags()
+  assert {"train/loss", "train/lr", "train/images_per_sec", "eval/knn_accuracy"} <= set(
+      tags["scalars"])
+  losses = acc.Scalars("train/loss")
+  assert len(losses) >= 3 and all(np.isfinite(e.value) for e in losses)
+  assert max(e.step for e in losses) == json.loads(
+      (workdir / "metrics.json").read_text())["steps"]
+  assert "embedding" in tags["images"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_mid_stage_then_resume_is_bit_identical(smoke_run, tmp_path):
+  """A run killed with SIGKILL in stage 2 and restarted ends exactly like the uninterrupted one."""
+  ref_dir, first = smoke_run
+  assert first.returncode == 0
+  workdir = tmp_path / "killed"
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, "-m", "jaxembed.train", "--config", "configs/digits.py:smoke",
+         "--workdir", str(workdir)]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if line.startswith("stage 2/3 | step 10/"):
+      proc.kill()  # SIGKILL: no clean-up, possibly mid-checkpoint
+      break
+  proc.wait(timeout=60)
+  assert proc.returncode == -9, "".join(seen)[-2000:]
+  assert not (workdir / "metrics.json").exists()
+
+  resumed = run_train(*cmd[3:])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resuming from the checkpoint at step" in resumed.stdout
+
+  ref = np.load(ref_dir / "embeddings.npz")
+  got = np.load(workdir / "embeddings.npz")
+  for key in ("embedding", "head", "features"):
+    np.testing.assert_array_equal(got[key], ref[key])
+  assert json.loads((workdir / "metrics.json").read_text())["knn_accuracy"] == json.loads(
+      (ref_dir / "metrics.json").read_text())["knn_accuracy"]
