@@ -142,7 +142,9 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
                          "image, or labels=None")
     config = self.make_config(images.shape[1:])
     if self.workdir is None:
-      self._tmp = tempfile.TemporaryDirectory(prefix="tsimcne_")  # pylint: disable=consider-using-with
+      # Removed when the estimator is garbage-collected.
+      self._tmp = tempfile.TemporaryDirectory(  # pylint: disable=consider-using-with
+          prefix="tsimcne_")
       workdir = self._tmp.name
     else:
       workdir = self.workdir
@@ -155,7 +157,7 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
     with config.unlocked():
       config.data.path = data_path
       config.data.name = "arrays"
-    with _quiet(not self.verbose), _empty_splits_allowed():
+    with _quiet(not self.verbose):
       metrics = trainer.train_and_evaluate(config, workdir)
     self._restore(workdir)
     self.metrics_ = metrics if any(k in metrics for k in ("knn_accuracy", "silhouette")) else None
@@ -178,7 +180,7 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
     return self.embed(images)["z"]
 
   def embed(self, images, batch_size=None):
-    """All outputs for ``images``: ``z`` (the head output, 2-D), ``features`` (backbone), ``hidden``."""
+    """All outputs for ``images``: ``z`` (the 2-D head output), ``features``, ``hidden``."""
     self._check_fitted()
     from jaxembed.data import arrays  # pylint: disable=g-import-not-at-top
     x = arrays.prepare_images(_check_images(images), self.config_.data,
@@ -337,28 +339,3 @@ def _quiet(enabled):
   import io  # pylint: disable=g-import-not-at-top
   with contextlib.redirect_stdout(io.StringIO()):
     yield
-
-
-@contextlib.contextmanager
-def _empty_splits_allowed():
-  """Lets ``embedding.embed`` return empty arrays for zero images during a fit.
-
-  With ``test_fraction=0`` the run has no test split, and the trainer embeds
-  that empty split at every stage end; ``embed`` raises for zero images.
-  Until it handles them itself, the estimator answers with zero rows of
-  the right widths.
-  """
-  original = embedding.embed
-
-  def embed(model, variables, images, mesh, batch_size=1024):
-    if len(images):
-      return original(model, variables, images, mesh, batch_size)
-    one = original(model, variables, np.zeros((1,) + tuple(images.shape[1:]), images.dtype),
-                   mesh, batch_size)
-    return {k: v[:0] for k, v in one.items()}
-
-  embedding.embed = embed
-  try:
-    yield
-  finally:
-    embedding.embed = original

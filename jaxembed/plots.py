@@ -99,7 +99,7 @@ def thumbnail_uris(images, max_side=64):
 
 def embedding_html(path, xy, labels=None, ids=None, split=None, images=None, title="embedding",
                    max_thumbnails=10000, seed=0, neighbours=None, class_names=None):
-  """A self-contained page (works offline): pan, zoom, hover for image/label/id, click for neighbours.
+  """A self-contained page (works offline): pan, zoom, hover for the image, click for neighbours.
 
   Points are drawn on a canvas, so 60,000 and more stay fluid. Thumbnails
   are embedded for at most ``max_thumbnails`` sampled points (hovering any

@@ -19,6 +19,7 @@ neighbours and saves a PNG strip of the query and its neighbours.
 
 import csv
 import functools
+import io
 import os
 
 import jax
@@ -415,7 +416,7 @@ def neighbour_strip(path, query_image, images, captions, query_caption="query"):
                            squeeze=False)
   for ax, (img, cap) in zip(axes[0], items):
     img = np.asarray(img)
-    if img is not None and img.size:
+    if img.size:
       ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
                 interpolation="nearest")
     ax.set_title(cap, fontsize=6)
@@ -425,7 +426,6 @@ def neighbour_strip(path, query_image, images, captions, query_caption="query"):
     spine.set_edgecolor("red")
     spine.set_linewidth(2)
   fig.tight_layout()
-  import io  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   fig.savefig(buf, format="png")
   plt.close(fig)

@@ -1,4 +1,4 @@
-"""Baselines for a finished run: t-SNE of the pixels and of the run's backbone features, same metrics.
+"""Baselines for a finished run: t-SNE of its pixels and of its backbone features, same metrics.
 
 For the images of a run (its train and test splits) it computes 2-D maps
 with scikit-learn's TSNE (PCA initialisation, perplexity 30) of (a) the raw

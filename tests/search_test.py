@@ -127,7 +127,8 @@ def test_write_table_roundtrip(tmp_path):
   search.write_table(str(tmp_path / "t.csv"), table)
   with open(tmp_path / "t.csv") as f:
     rows = list(csv.reader(f))
-  assert rows == [["i", "d", "flag", "id"], ["1", "0.5", "true", "a,b"], ["2", "0.25", "false", "c"]]
+  assert rows == [["i", "d", "flag", "id"], ["1", "0.5", "true", "a,b"],
+                  ["2", "0.25", "false", "c"]]
 
 
 @pytest.mark.slow
