@@ -163,10 +163,7 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
     self.metrics_ = metrics if any(k in metrics for k in ("knn_accuracy", "silhouette")) else None
     # The map of the fitted images in their order, from the run's embeddings.npz.
     with np.load(os.path.join(workdir, workdir_lib.EMBEDDINGS), allow_pickle=False) as z:
-      order = z["ids"].astype(int)
-      emb = np.full((len(images), z["embedding"].shape[1]), np.nan, np.float32)
-      emb[order] = z["embedding"]
-    self.embedding_ = emb
+      self.embedding_ = in_input_order(z["ids"], z["embedding"], len(images))
     return self
 
   def fit_transform(self, images, labels=None):  # pylint: disable=arguments-differ
@@ -266,6 +263,16 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
     if not hasattr(self, "model_"):
       raise NotFittedError("this TSimCNE is not fitted yet; call fit(images) or "
                            "TSimCNE.load(path) first")
+
+
+def in_input_order(ids, rows, n):
+  """Rows of embeddings.npz (train split, then test) back in the order of the fitted images.
+
+  The fit names image i ``"i"``; images that filters dropped stay NaN.
+  """
+  out = np.full((n,) + rows.shape[1:], np.nan, np.float32)
+  out[np.asarray(ids).astype(int)] = rows
+  return out
 
 
 def _set_field(config, dotted, value):

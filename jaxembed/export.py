@@ -54,8 +54,8 @@ def load_source(data, config, run):
     run: the run record (``run_info``).
   Returns:
     dict with ``images`` uint8 (N, S, S, C), ``labels`` ((N,) or (N, k) int,
-    -1 where unknown), ``split`` (N,) str and ``ids`` (N,) str, and
-    ``name``.
+    -1 where unknown), ``split`` (N,) str and ``ids`` (N,) str, ``name``
+    and ``class_names`` (names of the labels where the source has them).
   """
   from jaxembed import data as data_lib  # pylint: disable=g-import-not-at-top
   from jaxembed.data import convert  # pylint: disable=g-import-not-at-top
@@ -68,15 +68,17 @@ def load_source(data, config, run):
             "labels": np.concatenate([ds.train_labels, ds.test_labels]),
             "split": np.array(["train"] * len(ds.train_images) + ["test"] * len(ds.test_images)),
             "ids": np.concatenate([ds.train_ids, ds.test_ids]).astype(str),
-            "name": ds.name or config.data.source}
+            "name": ds.name or config.data.source,
+            "class_names": tuple(getattr(ds, "class_names", ()) or ())}
   path = str(data)
   name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
   if not os.path.exists(path):
     raise data_lib.DataError(f"--data {path!r}: no such file or folder")
   lower = path.lower()
+  class_names = ()
   if os.path.isdir(path) or lower.endswith(".txt"):
     from jaxembed.data import folder  # pylint: disable=g-import-not-at-top
-    paths, labels, _ = folder.list_images(path)
+    paths, labels, class_names = folder.list_images(path)
     arrs, kept = folder.read_images(paths, what="image files")
     cfg = {"image_size": run["image_shape"][0], "channels": run["image_shape"][2],
            "intensity": config.data.get("intensity", "minmax"),
@@ -112,7 +114,7 @@ def load_source(data, config, run):
   images = _prepare(images, config, run, path)
   labels = convert.check_labels(labels, len(images))
   return {"images": images, "labels": labels, "split": np.asarray(split).astype(str),
-          "ids": np.asarray(ids).astype(str), "name": name}
+          "ids": np.asarray(ids).astype(str), "name": name, "class_names": tuple(class_names)}
 
 
 def _read_npz(path, name):
@@ -287,7 +289,7 @@ def export(workdir, data=None, out=None, step=None, overwrite=False, plots=True,
     plots_lib.embedding_html(paths["html"], arrays["embedding"], labels if labelled else None,
                              src["ids"], src["split"],
                              images=src["images"] if thumbnails else None, title=title,
-                             neighbours=neighbours)
+                             neighbours=neighbours, class_names=src["class_names"])
   if verbose:
     print(f"Embedded {len(src['images'])} images with the checkpoint at step {step}.")
     if tables:

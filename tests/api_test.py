@@ -139,3 +139,11 @@ def test_bad_input():
     est.fit(np.zeros((3, 8, 8), np.uint8), labels=[0, 1])
   with pytest.raises(ValueError, match="test_fraction"):
     jaxembed.TSimCNE(test_fraction=1.0).make_config((8, 8, 1))
+
+
+def test_in_input_order():
+  # A held-out split reorders the run's rows (train first); ids give each image's place.
+  rows = np.array([[3.0, 3.5], [0.0, 0.5], [2.0, 2.5]], np.float32)
+  out = api.in_input_order(np.array(["3", "0", "2"]), rows, 4)
+  np.testing.assert_array_equal(out[[0, 2, 3]], [[0.0, 0.5], [2.0, 2.5], [3.0, 3.5]])
+  assert np.isnan(out[1]).all()
