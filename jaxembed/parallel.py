@@ -7,9 +7,20 @@ operation that mixes rows of the sharded batch (the pairwise distances of
 the contrastive loss) is resolved by the compiler instead of failing the
 sharding-type check that Explicit axes (the default of ``jax.make_mesh``)
 would apply, so the loss sees the global batch without hand-written
-collectives.
+collectives. (losses.py can still shard its rows by hand with
+``jax.shard_map`` over ``data``; that works on Auto axes too.)
+
+Multi-host: every process runs the same program on the global mesh, whose
+devices ``jax.devices()`` orders process by process, so each process owns a
+contiguous block of batch rows. ``initialize`` joins the processes; data
+enter as global arrays through ``shard_batch`` (each process its own rows) or
+``global_from_full`` (every process holds everything); ``to_host`` brings
+results back to every process; only ``is_main_process()`` writes files.
+docs/parallel.md has the details and the tests that check them.
 """
 
+import glob
+import importlib.util
 import os
 
 import jax
@@ -18,27 +29,86 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
+ENV_COORDINATOR = "JAXEMBED_COORDINATOR"
+ENV_NUM_PROCESSES = "JAXEMBED_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXEMBED_PROCESS_ID"
+
+# The variables jax's own SLURM detection reads (jax/_src/clusters/slurm_cluster.py);
+# SLURM_STEP_NODELIST exists only inside ``srun``, not in a bare ``salloc`` shell.
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
 
 def initialize(coordinator_address=None, num_processes=None, process_id=None):
-  """Joins a multi-host run; a no-op for a single process.
+  """Joins a multi-host run; a no-op for a single process. Call it before any other JAX call.
 
-  On TPU pods and SLURM, ``jax.distributed.initialize()`` detects everything
-  by itself. Elsewhere the coordinator address, process count and id come
-  from the arguments or from the environment variables
-  ``JAXEMBED_COORDINATOR``, ``JAXEMBED_NUM_PROCESSES`` and
-  ``JAXEMBED_PROCESS_ID``.
+  Explicit set-up: the coordinator's ``host:port``, the process count and
+  this process's id (0 is the coordinator) from the arguments or else from
+  the environment variables ``JAXEMBED_COORDINATOR``,
+  ``JAXEMBED_NUM_PROCESSES`` and ``JAXEMBED_PROCESS_ID``; every process
+  passes the same address and count. Without them, a ``srun`` step of more
+  than one SLURM task and a Cloud TPU VM (pod slice or GKE) are detected by
+  ``jax.distributed.initialize()`` itself.
+
+  Returns:
+    True if this process is now part of a distributed run, else False.
+
+  Raises:
+    ValueError: a coordinator without a process count or id (or the other
+      way round), an id outside ``[0, num_processes)``, or a value that is
+      not an integer.
   """
-  coordinator_address = coordinator_address or os.environ.get("JAXEMBED_COORDINATOR")
-  if num_processes is None and "JAXEMBED_NUM_PROCESSES" in os.environ:
-    num_processes = int(os.environ["JAXEMBED_NUM_PROCESSES"])
-  if process_id is None and "JAXEMBED_PROCESS_ID" in os.environ:
-    process_id = int(os.environ["JAXEMBED_PROCESS_ID"])
-  auto = any(v in os.environ for v in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if coordinator_address is None and not auto:
+  if jax.distributed.is_initialized():
+    return True
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  num_processes = _int_setting(num_processes, "num_processes", ENV_NUM_PROCESSES)
+  process_id = _int_setting(process_id, "process_id", ENV_PROCESS_ID)
+
+  if coordinator_address is None:
+    if num_processes is not None and num_processes > 1:
+      raise ValueError(f"num_processes={num_processes} but no coordinator address; pass "
+                       f"coordinator_address='host:port' or set {ENV_COORDINATOR}")
+    if not _cluster_detectable():
+      return False
+    jax.distributed.initialize()
+    return True
+
+  if num_processes is None or process_id is None:
+    raise ValueError(f"coordinator {coordinator_address!r} given without "
+                     f"{'num_processes' if num_processes is None else 'process_id'}; pass both "
+                     f"or set {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}")
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id={process_id} with num_processes={num_processes}: ids run from "
+                     f"0 to num_processes - 1")
+  if num_processes == 1:
     return False
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   return True
+
+
+def _int_setting(value, name, env):
+  if value is None:
+    value = os.environ.get(env) or None
+    name = env
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _cluster_detectable():
+  """Whether jax.distributed.initialize() can configure itself (SLURM step, Cloud TPU VM)."""
+  if all(v in os.environ for v in _SLURM_VARS):
+    return int(os.environ["SLURM_NTASKS"]) > 1
+  if "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
+    return True
+  # A Cloud TPU VM (GCE pod slice): libtpu installed and TPU chips present.
+  # jax then reads the workers from the metadata server; one host is one process.
+  return (importlib.util.find_spec("libtpu") is not None
+          and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
 
 
 def make_mesh(num_devices=None):
