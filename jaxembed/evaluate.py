@@ -128,6 +128,14 @@ def _query_chunks(q, chunk, mesh):
     yield start, jax.device_put(block, sharding)
 
 
+def _fetch(x):
+  """A device array as NumPy, also one that spans the devices of several processes."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def _replicated(x, mesh):
   return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
@@ -461,7 +469,7 @@ def _cluster_sums(x, codes, n_classes, chunk_size):
       jax.device_put(queries.reshape(n_chunks, chunk, d), sharded),
       jax.device_put(index.reshape(n_chunks, chunk), sharded),
       _replicated(ref, mesh), _replicated(onehot, mesh), block=block)
-  return np.asarray(out, np.float64).reshape(-1, n_classes)[:n]
+  return _fetch(out).astype(np.float64).reshape(-1, n_classes)[:n]
 
 
 def _silhouette_from_sums(sums, codes, counts):
@@ -591,7 +599,7 @@ def _brute_nearest(queries, query_index, ref, k, chunk_size):
                                  _query_chunks(index, chunk, mesh)):
     idx = _knn_chunk(q, qi[:, 0], ref_d, k=k, exclude_self=exclude_self)
     stop = min(start + chunk, m)
-    out[start:stop] = np.asarray(idx)[:stop - start]
+    out[start:stop] = _fetch(idx)[:stop - start]
   return out
 
 
@@ -671,8 +679,8 @@ def _leaf_nearest(queries, query_index, ref_leaves, k, k_out,
       _replicated(ref_idx, mesh), _replicated(ref_lo, mesh), _replicated(ref_hi, mesh),
       k=k, k_out=k_out, n_pool=n_pool, n_search=n_search,
       exclude_self=query_index is not None)
-  nn = np.asarray(nn).reshape(-1, q_pts.shape[1], k_out)[:n_qleaves]
-  ok = np.asarray(ok).reshape(-1, q_pts.shape[1])[:n_qleaves]
+  nn = _fetch(nn).reshape(-1, q_pts.shape[1], k_out)[:n_qleaves]
+  ok = _fetch(ok).reshape(-1, q_pts.shape[1])[:n_qleaves]
   valid = q_pos >= 0
   out = np.empty((m, k_out), np.int64)
   out[q_pos[valid]] = nn[valid]

@@ -31,7 +31,6 @@ import multihost_worker  # noqa: E402  pylint: disable=g-import-not-at-top,wrong
 # differences of 1e-7 grow to 1e-3 within four steps, in any two layouts.
 TRAIN_ARGS = ["--config", "configs/digits.py:smoke", "--config.stages.lr_scale=(1.0,1.0,0.001)",
               "--config.data.max_examples=128", "--config.outputs.plots=False"]
-KNOWN_EVALUATE_BUG = "spans non-addressable"
 
 
 def free_port():
@@ -109,9 +108,6 @@ def test_two_process_training_ends_with_the_parameters_of_one(tmp_path):
   codes, logs = run_processes(["-m", "jaxembed.train", *TRAIN_ARGS, "--workdir", str(one)], 1)
   assert codes == [0], logs[0][-3000:]
   codes, logs = run_processes(["-m", "jaxembed.train", *TRAIN_ARGS, "--workdir", str(two)], 2)
-  if codes != [0, 0] and any(KNOWN_EVALUATE_BUG in log for log in logs):
-    pytest.xfail("evaluate.py reads sharded arrays with np.asarray, which fails when they span "
-                 "several processes (patch in docs/parallel.md)")
   assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
 
   # Only process 0 writes the run's files.
