@@ -55,12 +55,12 @@ def test_every_shipped_config_validates():
 
 def test_stage_bookkeeping():
   stages = trainer.build_stages(configlib.stages(digits.get_config()), steps_per_epoch=11)
-  assert [s.first_step for s in stages] == [0, 440, 550]
-  assert stages[-1].last_step == 1210
+  assert [s.first_step for s in stages] == [0, 220, 550]
+  assert stages[-1].last_step == 1540
   assert trainer.stage_of_step(stages, 0).index == 0
-  assert trainer.stage_of_step(stages, 440).index == 0   # a stage end belongs to its stage
-  assert trainer.stage_of_step(stages, 441).index == 1
-  assert trainer.stage_of_step(stages, 1210).index == 2
+  assert trainer.stage_of_step(stages, 220).index == 0   # a stage end belongs to its stage
+  assert trainer.stage_of_step(stages, 221).index == 1
+  assert trainer.stage_of_step(stages, 1540).index == 2
 
 
 def test_learning_rate_warmup_then_cosine():
