@@ -614,10 +614,11 @@ def cluster_map_png(path, embedding, result, title=None):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from jaxembed import plots  # pylint: disable=g-import-not-at-top
   xy = np.asarray(embedding, np.float64)
   assign = result.assignments
   fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
-  s = float(np.clip(3000.0 / max(len(xy), 1), 0.3, 30.0))
+  s = plots.point_size(len(xy))
   noise = assign < 0
   if noise.any():
     ax.scatter(xy[noise, 0], xy[noise, 1], s=s, c="0.8", linewidths=0, rasterized=True)
@@ -631,16 +632,7 @@ def cluster_map_png(path, embedding, result, title=None):
     ax.text(mx, my, str(c), fontsize=9, ha="center", va="center", fontweight="bold",
             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": cmap(c % cmap.N),
                   "alpha": 0.85})
-  ax.set_aspect("equal", adjustable="datalim")
-  ax.set_xticks([])
-  ax.set_yticks([])
-  if title:
-    ax.set_title(title, fontsize=10)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png")
-  plt.close(fig)
-  _write_bytes(path, buf.getvalue())
+  plots.save_map_figure(fig, ax, path, title)
 
 
 def _write_bytes(path, data):

@@ -49,6 +49,12 @@ def scatter_png(path, xy, labels=None, title=None, images=None, num_thumbnails=0
       img = img[..., 0] if img.shape[-1] == 1 else img
       box = offsetbox.OffsetImage(img, zoom=24.0 / max(img.shape[:2]), cmap="gray")
       ax.add_artist(offsetbox.AnnotationBbox(box, xy[i], frameon=False))
+  save_map_figure(fig, ax, path, title)
+
+
+def save_map_figure(fig, ax, path, title=None):
+  """Equal axes without ticks, an optional title, then the figure as a PNG (atomically)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   ax.set_aspect("equal", adjustable="datalim")
   ax.set_xticks([])
   ax.set_yticks([])
