@@ -432,6 +432,7 @@ def _run_stage(stage, stages, state, train_step, images_all, step_key, manager, 
   step = int(state["step"])
   t_last, step_last = time.time(), step
   total = stages[-1].last_step
+  schedule = learning_rate(config, stage, spe)  # for logging; the optimiser holds its own
   while step < stage.last_step:
     idx = pipeline.batch_indices(config.seed, step, n_train, config.batch_size)
     state, step_metrics = train_step(state, images_all, parallel.global_from_full(mesh, idx),
@@ -443,7 +444,7 @@ def _run_stage(stage, stages, state, train_step, images_all, step_key, manager, 
       _check_finite(state, stage, stages)
       now = time.time()
       ips = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
-      lr = float(learning_rate(config, stage, spe)(step - stage.first_step - 1))
+      lr = float(schedule(step - stage.first_step - 1))
       scalars = {"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips,
                  "train/step_seconds": (now - t_last) / max(step - step_last, 1),
                  "train/grad_norm": float(step_metrics["grad_norm"])}
