@@ -185,21 +185,27 @@ def test_silhouette_duplicate_points():
   assert got == pytest.approx(metrics.silhouette_score(x, y), abs=1e-6)
 
 
-def test_cluster_distance_sums_precise_over_a_million_points():
-  # Sums of 2^20 float32 distances: a sequential float32 sum is off by ~2e-5
-  # relative, plain float32 sums of the 512 block partials by ~8e-7; the
-  # Kahan-compensated block sums stay within 2e-7 of float64.
+def test_cluster_sums_precise_over_many_tiles():
+  # Tiles of 8 points: every sum adds about 170 tile partials per cluster in
+  # float32; the Kahan-compensated accumulation keeps it near float64.
   rng = np.random.default_rng(0)
-  n = 2**20
-  ref = (rng.normal(size=(n, 2)) * 10).astype(np.float32)
+  n = 4096
+  x = (rng.normal(size=(n, 2)) * 10 + 100).astype(np.float32)
   codes = rng.integers(0, 3, n)
-  onehot = np.eye(3, dtype=np.float32)[codes]
-  q = ref[:8]
-  kernel = jax.jit(evaluate._cluster_distance_sums, static_argnames="block")
-  got = np.asarray(kernel(q, np.arange(8), ref, onehot, block=2048))
-  dist = np.sqrt(((q[:, None].astype(np.float64) - ref[None]) ** 2).sum(-1))
+  got = evaluate._cluster_sums(x, codes, 3, chunk_size=8)
+  x64 = x.astype(np.float64)
+  dist = np.sqrt(((x64[:, None] - x64[None]) ** 2).sum(-1))
   want = np.stack([dist[:, codes == c].sum(1) for c in range(3)], 1)
   np.testing.assert_allclose(got, want, rtol=2e-7)
+
+
+def test_tile_size_limits_padding():
+  # Ten clusters of 1000: 512-point tiles would pad by 24%, 256 by 12%.
+  counts = np.full(10, 1000)
+  tile = evaluate._tile_size(counts, 1, None)
+  n_pad = evaluate._n_tiles(counts, tile, 1) * tile
+  assert n_pad <= 1.15 * counts.sum()
+  assert evaluate._tile_size(counts, 1, 24) == 24
 
 
 @pytest.mark.parametrize("labels,match", [
