@@ -668,19 +668,34 @@ def _nearest(queries, ref, k, query_index, chunk_size):
 
 
 def _rerank(queries, ref, cand, k, query_index):
-  """The k nearest of the candidate indices by float64 distances."""
+  """The k nearest of the candidate indices by float64 distances.
+
+  The candidates arrive nearest first by float32 distances, so most rows are
+  already in float64 order; only the others are sorted (stably, so that
+  equal distances keep the device's order either way).
+  """
   out = np.empty((cand.shape[0], k), np.int64)
+  if ref.shape[1] <= _DIRECT_MAX_DIM:
+    ref_columns = [ref[:, j].astype(np.float64) for j in range(ref.shape[1])]
   step = max(1, 2**22 // (cand.shape[1] * ref.shape[1]))  # bounded host memory
   for start in range(0, cand.shape[0], step):
     c = cand[start:start + step]
     q = queries[start:start + step].astype(np.float64)
-    d2 = np.sum((ref[np.maximum(c, 0)].astype(np.float64) - q[:, None, :]) ** 2, axis=-1)
+    safe = np.maximum(c, 0)
+    if ref.shape[1] <= _DIRECT_MAX_DIM:
+      # Coordinate by coordinate: NumPy sums over a short last axis slowly.
+      d2 = sum((ref_columns[j][safe] - q[:, j, None]) ** 2 for j in range(ref.shape[1]))
+    else:
+      d2 = np.sum((ref[safe].astype(np.float64) - q[:, None, :]) ** 2, axis=-1)
     bad = c < 0
     if query_index is not None:
       bad |= c == np.asarray(query_index)[start:start + step, None]
     d2[bad] = np.inf
-    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
-    out[start:start + step] = np.take_along_axis(c, order, axis=1)
+    block = c[:, :k].copy()
+    unsorted = np.flatnonzero(np.any(d2[:, 1:] < d2[:, :-1], axis=1))
+    order = np.argsort(d2[unsorted], axis=1, kind="stable")[:, :k]
+    block[unsorted] = np.take_along_axis(c[unsorted], order, axis=1)
+    out[start:start + step] = block
   return out
 
 
