@@ -723,7 +723,8 @@ def _leaves(x, size):
   The points are sorted along the first dimension and cut into slabs of
   equal count, each slab is sorted along the second dimension and cut again,
   and so on; runs of `size` consecutive points then form leaves with compact
-  bounding boxes. It costs d sorts, far less than a k-d tree.
+  bounding boxes. It costs d sorts, far less than a k-d tree (the later
+  ones as row-wise sorts of a matrix, twice as fast as np.lexsort).
 
   Returns:
     points (L, size, d) float32, index (L, size) int32 with -1 for padding,
@@ -732,11 +733,17 @@ def _leaves(x, size):
   n, d = x.shape
   n_leaves = -(-n // size)
   per_dim = int(np.ceil(n_leaves ** (1.0 / d) - 1e-9))
-  leaf_of = np.arange(n) // size  # leaf of each sorted position
-  order = np.argsort(x[:, 0], kind="stable")
+  order = np.argsort(x[:, 0])
   for j in range(1, d):
-    slab = leaf_of // per_dim ** (d - j)
-    order = order[np.lexsort((x[order, j], slab))]
+    # Slabs are runs of `width` consecutive positions: sort each run along
+    # dimension j, as rows of a matrix (the last one padded with +inf).
+    width = size * per_dim ** (d - j)
+    rows = -(-n // width)
+    key = np.full(rows * width, np.inf, np.float32)
+    key[:n] = x[order, j]
+    within = np.argsort(key.reshape(rows, width), axis=1)
+    within = (within + (np.arange(rows) * width)[:, None]).ravel()
+    order = order[within[within < n]]
   points = np.zeros((n_leaves * size, d), np.float32)
   points[:n] = x[order]
   index = np.full(n_leaves * size, -1, np.int32)
