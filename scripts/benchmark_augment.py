@@ -6,17 +6,25 @@ is augmented twice (two views, the t-SimCNE training input) with the
 a warm-up call that compiles. Beside it, in the same run and on the same
 images:
 
-* torchvision's pipeline of the reference (RandomResizedCrop, horizontal
-  flip, ColorJitter(.4, .4, .4, .1) p=.8, RandomGrayscale p=.2, on PIL
-  images, one image at a time as a DataLoader worker does), when torchvision
-  is importable; otherwise it says so;
+* the reference's torchvision pipeline (tsimcne's own
+  ``get_transforms_unnormalized(size, "contrastive")``: RandomResizedCrop
+  (scale .2-1), horizontal flip, ColorJitter(.4, .4, .4, .1) p=.8,
+  RandomGrayscale p=.2, ToTensor, on PIL images), run in a torch interpreter
+  (``--torch_python``; scripts/torch_side.py) on the same images, timed two
+  ways: one process, one image at a time (what one DataLoader worker does),
+  and a DataLoader with one worker per core (how the reference trains);
+  without an interpreter that has torch and torchvision it says so;
 * a naive per-image NumPy/PIL pipeline of the same ops (the CPU baseline),
   timed on a subset and reported as images/s.
 
-Ratios are JAX images/s over baseline images/s. Prints a table and writes
-scripts/results/benchmark_augment.json.
+Ratios are JAX images/s over baseline images/s, on the same cores (the goal
+of issue #5: JAX at least 3x the reference's DataLoader). Prints a table
+and writes scripts/results/benchmark_augment.json.
 
-  python scripts/benchmark_augment.py [--sizes 28,32,64,224] [--batch 1024]
+  python scripts/benchmark_augment.py [--sizes 28,32,64,224] [--batch 1024] \
+      [--torch_python /work/torchvenv/bin/python]
+
+An explicit --torch_python without torch and torchvision exits with status 2.
 """
 
 import argparse
@@ -26,14 +34,15 @@ import math
 import os
 import pathlib
 import platform
-import random
+import subprocess
+import sys
+import tempfile
 import time
 
-import jax
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from jaxembed import augment
+import torch_side
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -111,29 +120,26 @@ def time_per_image(fn, images, budget_s):
   return n / (time.perf_counter() - t0), n
 
 
-def torchvision_pipeline():
-  try:
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    from torchvision import transforms  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return None, f"torchvision not importable ({e.__class__.__name__}: {e})"
-  def make(size):
-    t = transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)],
-                               p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ToTensor(),
-    ])
-    return t
-  return make, "torchvision " + __import__("torchvision").__version__
+def torchvision_rates(python, images_by_size, seconds, workers):
+  """The reference pipeline's images/s per size, in the torch interpreter ``python``."""
+  with tempfile.TemporaryDirectory(prefix="benchmark_augment_") as tmp:
+    npz = os.path.join(tmp, "images.npz")
+    np.savez(npz, **{f"s{size}": x for size, x in images_by_size.items()})
+    cmd = [python, torch_side.HERE, "augment", "--images", npz, "--seconds", str(seconds),
+           "--workers", str(workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False)
+  result = torch_side._result_line(proc.stdout)  # pylint: disable=protected-access
+  if proc.returncode != 0 or result is None:
+    sys.exit(f"the torchvision side failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+  return result
 
 
 # ------------------------------------------------------------------- main
 
 
 def time_jax(images, preset, reps):
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxembed import augment  # pylint: disable=g-import-not-at-top
   cfg = augment.resolve({"preset": preset, "fill_value": (0.5, 0.5, 0.5)})
 
   @jax.jit
@@ -162,21 +168,37 @@ def main():
   parser.add_argument("--batch", type=int, default=1024)
   parser.add_argument("--baseline_seconds", type=float, default=3.0,
                       help="time spent on each per-image baseline per size")
+  parser.add_argument("--torch_python", default=None,
+                      help="Python with torch and torchvision (tsimcne optional) for the "
+                           "reference's pipeline (default: this one if it has them)")
+  parser.add_argument("--torch_workers", type=int, default=os.cpu_count(),
+                      help="DataLoader workers of the reference's loader (default: one per core)")
   parser.add_argument("--out", default=str(RESULTS / "benchmark_augment.json"))
   args = parser.parse_args()
+  # The torch side is checked first, so a wrong interpreter fails in seconds.
+  try:
+    tv_python, tv_info = torch_side.resolve(args.torch_python, ["torch", "torchvision"])
+  except torch_side.TorchUnavailable as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(torch_side.USAGE_ERROR)
+  tv_note = (f"torch {tv_info['torch']}, torchvision {tv_info['torchvision']} ({tv_python})"
+             if tv_python else f"not run: {tv_info}")
 
+  # JAX is imported only here, so --help and a wrong --torch_python answer at once.
+  import jax  # pylint: disable=g-import-not-at-top
   backend = jax.default_backend()
   devices = [d.device_kind for d in jax.devices()]
-  tv_make, tv_note = torchvision_pipeline()
   print(f"backend: {backend} ({len(devices)} x {devices[0]}); "
         f"cpu cores: {os.cpu_count()}")
   if backend == "cpu":
     print("no GPU present: JAX figures are CPU figures")
   print(f"torchvision: {tv_note}")
 
+  sizes = [int(s) for s in args.sizes.split(",")]
+  images_by_size = {size: synthetic_images(args.batch, size) for size in sizes}
   rows = []
-  for size in [int(s) for s in args.sizes.split(",")]:
-    images = synthetic_images(args.batch, size)
+  for size in sizes:
+    images = images_by_size[size]
     reps = 1 if size >= 128 else 3
     row = dict(size=size, batch=args.batch)
     for preset in ("tsimcne", "medical"):
@@ -185,19 +207,37 @@ def main():
     naive, n = time_per_image(lambda im: naive_view(im, rng), images,
                               args.baseline_seconds)
     row["naive_pil"] = dict(images_per_s=naive, images_timed=n)
-    if tv_make is not None:
-      random.seed(0)
-      tv = tv_make(size)
-      tv_rate, n = time_per_image(tv, images, args.baseline_seconds)
-      row["torchvision"] = dict(images_per_s=tv_rate, images_timed=n)
     rows.append(row)
+  # The torch side afterwards, in its own process, so the two never share the cores.
+  tv = None
+  if tv_python:
+    tv = torchvision_rates(tv_python, images_by_size, args.baseline_seconds, args.torch_workers)
+    tv_note += f"; transform: {tv['transform']}"
+    for row in rows:
+      r = tv["rows"][str(row["size"])]
+      row["torchvision"] = r["single_process"]
+      if "dataloader" in r:
+        row["torchvision_dataloader"] = r["dataloader"]
+
+  print(f"\n{'px':>4s} {'jax tsimcne':>12s} {'jax medical':>12s} {'naive PIL':>10s} {'ratio':>6s}"
+        f" {'tv 1 proc':>10s} {'ratio':>6s} {'tv loader':>10s} {'ratio':>6s}  (img/s)")
+  for row in rows:
     jt = row["jax_tsimcne"]["images_per_s"]
-    tv_s = (f"{row['torchvision']['images_per_s']:9.0f} {jt / row['torchvision']['images_per_s']:7.1f}x"
-            if "torchvision" in row else f"{'n/a':>9s} {'n/a':>8s}")
-    print(f"{size:4d}px  jax tsimcne {jt:9.0f} img/s  medical "
-          f"{row['jax_medical']['images_per_s']:9.0f} img/s  | naive PIL "
-          f"{naive:7.0f} img/s  ratio {jt / naive:6.1f}x | torchvision {tv_s}"
-          f"  (compile {row['jax_tsimcne']['compile_s']:.1f}s)")
+    naive = row["naive_pil"]["images_per_s"]
+    cells = []
+    for key in ("torchvision", "torchvision_dataloader"):
+      if key in row:
+        rate = row[key]["images_per_s"]
+        row[f"ratio_jax_over_{key}"] = jt / rate
+        cells.append(f"{rate:10.0f} {jt / rate:5.1f}x")
+      else:
+        cells.append(f"{'n/a':>10s} {'n/a':>6s}")
+    print(f"{row['size']:4d} {jt:12.0f} {row['jax_medical']['images_per_s']:12.0f} "
+          f"{naive:10.0f} {jt / naive:5.1f}x {cells[0]} {cells[1]}")
+  if tv is not None and all("torchvision_dataloader" in r for r in rows):
+    worst = min(r["ratio_jax_over_torchvision_dataloader"] for r in rows)
+    print(f"goal (issue #5): jax >= 3x the reference's loader on the same cores: "
+          f"{'met' if worst >= 3 else 'NOT met'} (lowest ratio {worst:.1f}x)")
 
   result = dict(
       what="source images/s, two augmented views per image",
