@@ -26,6 +26,15 @@ def get_config():
   # Reference: 1024 in the paper, 512 in the package.
   c.batch_size = 512
 
+  # ------------------------------------------------------------ training
+  c.train = ml_collections.ConfigDict()
+  # Images per device per chunk of the two-pass step (DESIGN.md 3; for
+  # batches whose activations do not fit): the loss and dL/dz come from the
+  # whole batch, the backward pass runs chunk by chunk, so negatives stay
+  # the whole batch. Must divide batch_size / devices. 0 = one pass. With
+  # BatchNorm, each chunk is normalised with its own statistics.
+  c.train.chunk_size = 0
+
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
   c.data.source = "digits"          # digits | medmnist | folder | tfds | idx | arrays

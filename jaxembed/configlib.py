@@ -67,6 +67,16 @@ def validate(config, num_devices=None):
   if config.batch_size % num_devices:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
                       f"use a multiple of {num_devices}")
+  train = config.get("train", {})
+  chunk = train.get("chunk_size", 0)
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+    raise ConfigError(f"train.chunk_size must be an integer >= 0 (images per device; 0 = one "
+                      f"pass), got {chunk!r}")
+  per_device = config.batch_size // num_devices
+  if chunk and per_device % chunk and chunk < per_device:
+    raise ConfigError(f"train.chunk_size={chunk} does not divide the per-device batch "
+                      f"{per_device} (batch_size {config.batch_size} / {num_devices} devices); "
+                      f"use a divisor of {per_device}, or 0 for one pass")
   if config.eval.batch_size < 1:
     raise ConfigError(f"eval.batch_size must be positive, got {config.eval.batch_size}")
   if config.model.name not in models.BACKBONES:

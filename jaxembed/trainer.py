@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxembed import augment
 from jaxembed import checkpoint
@@ -28,6 +29,7 @@ from jaxembed import models
 from jaxembed import parallel
 from jaxembed import plots
 from jaxembed import summary
+from jaxembed import twopass
 from jaxembed import workdir as workdir_lib
 from jaxembed.data import pipeline
 
@@ -124,41 +126,114 @@ def is_trainable(path, trainable):
 # ------------------------------------------------------------------- train step
 
 
-def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable="all"):
-  """The jitted step: gather the batch, augment two views, loss on the global batch, update.
+def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=1, mesh=None):
+  """``fn(params, batch_stats, images, key) -> (loss, grads, batch_stats)`` for one batch.
+
+  Two augmented views per image (one key per image, split from ``key``),
+  the loss over all 2B views, gradients for the trainable parameters
+  (zeros for frozen ones) and the updated BatchNorm statistics.
+  ``num_chunks > 1`` computes the same full-batch loss by the two-pass
+  method (jaxembed.twopass: activations of one chunk of
+  ``B / num_chunks`` images at a time); BatchNorm then normalises each chunk
+  with its own statistics (see twopass). ``mesh`` gives the device layout
+  of the batch that the chunks follow.
+  """
+  aug = augment.resolve(aug_config)
+  num_devices = 1 if mesh is None else mesh.devices.size
+  chunk_sharding = None if mesh is None else NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+
+  def fn(params, batch_stats, images, key):
+    k1, k2 = jax.random.split(key)
+    b = images.shape[0]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    train_mask = [is_trainable(path, trainable) for path, _ in leaves]
+    train_leaves = [leaf for m, (_, leaf) in zip(train_mask, leaves) if m]
+
+    def apply(train_leaves, x, dropout_key):
+      # Gradients are taken only for the parameters that train, so a frozen
+      # backbone costs no backward pass.
+      it = iter(train_leaves)
+      full = jax.tree_util.tree_unflatten(
+          treedef, [next(it) if m else leaf for m, (_, leaf) in zip(train_mask, leaves)])
+      out, updated = model.apply({"params": full, "batch_stats": batch_stats}, x,
+                                 train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": dropout_key})
+      return out["z"], updated.get("batch_stats", {})
+
+    if num_chunks == 1:
+      x = jnp.concatenate([augment.augment_batch(k1, images, aug),
+                           augment.augment_batch(k2, images, aug)])
+
+      def loss_of(train_leaves):
+        z, stats = apply(train_leaves, x, jax.random.fold_in(key, 2))
+        return loss_fn(z[:b], z[b:]), stats
+
+      (loss, new_stats), train_grads = jax.value_and_grad(loss_of, has_aux=True)(train_leaves)
+    else:
+      jax.eval_shape(lambda: augment.augment_batch(k1, images[:1], aug))  # checks the shapes
+      # The per-image keys of augment_batch, so each view is the one-pass view.
+      inputs = (images, jax.random.split(k1, b), jax.random.split(k2, b))
+
+      def embed(train_leaves, chunk, index):
+        imgs, keys1, keys2 = chunk
+        x = jnp.concatenate([_views(keys1, imgs, aug), _views(keys2, imgs, aug)])
+        z, stats = apply(train_leaves, x, jax.random.fold_in(jax.random.fold_in(key, 2), index))
+        m = imgs.shape[0]
+        return (z[:m], z[m:]), stats
+
+      loss, train_grads, new_stats = twopass.loss_and_grads(
+          embed, loss_fn, train_leaves, inputs, num_chunks=num_chunks,
+          num_devices=num_devices, chunk_sharding=chunk_sharding)
+    it = iter(train_grads)
+    grads = jax.tree_util.tree_unflatten(
+        treedef, [next(it) if m else jnp.zeros_like(leaf)
+                  for m, (_, leaf) in zip(train_mask, leaves)])
+    return loss, grads, new_stats
+
+  return fn
+
+
+def _views(keys, images, aug):
+  """augment.augment_batch with the per-image keys given (uint8 or [0, 1] float images)."""
+  x = images.astype(jnp.float32)
+  if images.dtype == jnp.uint8:
+    x = x / 255.0
+  return jax.vmap(lambda k, im: augment.augment_image(k, im, aug))(keys, x)
+
+
+def num_chunks_of(chunk_size, batch_size, num_devices):
+  """Chunks per step of ``train.chunk_size`` images per device (0: one pass)."""
+  per_device = batch_size // num_devices
+  if not chunk_size or chunk_size >= per_device:
+    return 1
+  if per_device % chunk_size:
+    raise configlib.ConfigError(
+        f"train.chunk_size={chunk_size} does not divide the per-device batch {per_device} "
+        f"(batch_size {batch_size} / {num_devices} devices); use a divisor of {per_device}, "
+        "or 0 for one pass")
+  return per_device // chunk_size
+
+
+def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable="all",
+                    chunk_size=0, streaming=False):
+  """The jitted step: augment two views, loss on the global batch, update.
+
+  With ``streaming=False`` the step is ``step(state, images_all, idx,
+  root_key)`` and gathers its batch from the device-resident images; with
+  ``streaming=True`` it is ``step(state, images, root_key)`` with the uint8
+  batch itself (sharded ``P("data")``, jaxembed.data.streaming). A
+  ``chunk_size`` (images per device) below the per-device batch computes
+  the gradient by the two-pass method (jaxembed.twopass).
 
   A step whose loss or gradients are not finite leaves the state unchanged
   and records the step in ``bad_step``; the host stops the run when it sees it.
   """
-  aug = augment.resolve(aug_config)
+  num_chunks = num_chunks_of(chunk_size, batch_size, mesh.devices.size)
+  grad_fn = make_loss_and_grads(model, loss_fn, aug_config, trainable, num_chunks, mesh)
 
-  def step_fn(state, images_all, idx, root_key):
+  def update(state, images, root_key):
     key = jax.random.fold_in(root_key, state["step"])
-    k1, k2 = jax.random.split(key)
-    images = images_all[idx]
-    x = jnp.concatenate([augment.augment_batch(k1, images, aug),
-                         augment.augment_batch(k2, images, aug)])
-
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state["params"])
-    train_mask = [is_trainable(path, trainable) for path, _ in leaves]
-
-    def loss_of(train_leaves):
-      # Gradients are taken only for the parameters that train, so a frozen
-      # backbone costs no backward pass.
-      it = iter(train_leaves)
-      params = jax.tree_util.tree_unflatten(
-          treedef, [next(it) if m else leaf for m, (_, leaf) in zip(train_mask, leaves)])
-      out, updated = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
-                                 train=True, mutable=["batch_stats"],
-                                 rngs={"dropout": jax.random.fold_in(key, 2)})
-      z = out["z"]
-      return loss_fn(z[:batch_size], z[batch_size:]), updated["batch_stats"]
-
-    (loss, batch_stats), train_grads = jax.value_and_grad(loss_of, has_aux=True)(
-        [leaf for m, (_, leaf) in zip(train_mask, leaves) if m])
-    it = iter(train_grads)
-    grads = jax.tree_util.tree_unflatten(
-        treedef, [next(it) if m else jnp.zeros_like(leaf) for m, (_, leaf) in zip(train_mask, leaves)])
+    loss, grads, batch_stats = grad_fn(state["params"], state["batch_stats"], images, key)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -174,6 +249,13 @@ def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable=
     return new_state, {"loss": loss, "grad_norm": grad_norm}
 
   repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  if streaming:
+    return jax.jit(update, in_shardings=(repl, batch, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+
+  def step_fn(state, images_all, idx, root_key):
+    return update(state, images_all[idx], root_key)
+
   return jax.jit(step_fn, in_shardings=(repl, repl, batch, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,))
 
@@ -316,6 +398,8 @@ def train_and_evaluate(config, workdir):
   ds = data_lib.load(config.data)
   stats = data_lib.compute_stats(ds.train_images)
   config = resolve_config(config, ds, stats, mesh.devices.size)
+  # The batch may have been clamped to the data: the chunks must still divide it.
+  num_chunks_of(_train_option(config, "chunk_size", 0), config.batch_size, mesh.devices.size)
   run_info = workdir_lib.run_record(config, ds, stats)
   workdir_lib.check_or_write_config(workdir, config, run_info, write=main)
 
@@ -367,7 +451,7 @@ def train_and_evaluate(config, workdir):
     if s.index > stage.index:
       model, state, tx = _enter_stage(config, s, model, state, ds, mesh, spe, root_key)
     train_step = make_train_step(model, tx, loss_fn, config.aug, config.batch_size, mesh,
-                                 s.trainable)
+                                 s.trainable, chunk_size=_train_option(config, "chunk_size", 0))
     if main:
       print(f"Stage {s.index + 1}/{len(stages)}: {s.epochs} epochs ({s.num_steps} steps"
             f" of {config.batch_size}), head_dim {s.head_dim}, trains {s.trainable}, "
@@ -463,6 +547,11 @@ def _run_stage(stage, stages, state, train_step, images_all, step_key, manager, 
       _check_finite(state, stage, stages)
       checkpoint.save(manager, step, state)
   return state
+
+
+def _train_option(config, name, default):
+  """``config.train.<name>``, or ``default`` for a config written before the field existed."""
+  return config.get("train", {}).get(name, default)
 
 
 def _check_finite(state, stage, stages):
