@@ -4,10 +4,12 @@ The t-SimCNE paper (Böhm, Berens, Kobak, ICLR 2023) scores a 2D map by the
 accuracy of a kNN classifier with k=15 fit on the training points and by the
 silhouette score of the map with the true labels. Both are computed here
 exactly (they equal scikit-learn's `KNeighborsClassifier(15).score` and
-`silhouette_score` on data without distance ties) and in chunks of query
-rows, so that memory is O(chunk * n) rather than O(n^2). Query chunks are
-sharded over the devices present along the mesh axis "data"; the reference
-points are replicated. See docs/evaluate.md for the algorithms.
+`silhouette_score` on data without distance ties) in bounded memory: kNN in
+chunks of query rows (O(chunk * n)), the silhouette in tiles of points that
+each hold one cluster, visiting each pair of tiles once (O(tile^2 + C * n)).
+The work is sharded over the devices present along the mesh axis "data";
+the reference points are replicated. See docs/evaluate.md for the
+algorithms.
 """
 
 import functools
@@ -39,6 +41,10 @@ _QUERY_LEAF_SIZE = 32
 _LEAF_CANDIDATES = 256
 _LEAF_GROUP = 64
 _LEAF_POOL_FACTOR = 4
+# Uncertified queries are finished on the host, in float64, while their
+# number times the reference points is at most this (about 40 MB of
+# distances); beyond it by a second leaf pass and brute force on the devices.
+_HOST_MAX_PAIRS = 5 * 2**20
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -652,6 +658,12 @@ def _nearest(queries, ref, k, query_index, chunk_size):
     ref_leaves = _pad_leaves(_leaves(ref, _LEAF_SIZE))
     cand, ok = _leaf_nearest(queries, query_index, ref_leaves, k, k_out)
     redo = np.flatnonzero(~ok)
+    if redo.size and redo.size * n_ref <= _HOST_MAX_PAIRS:
+      # A few uncertified queries (typical below 10^5 points) cost less on
+      # the host than a second kernel, which would also compile on first use.
+      cand[redo] = _host_nearest(
+          queries[redo], None if query_index is None else query_index[redo], ref, k_out)
+      redo = redo[:0]
     if redo.size:
       # A second, wider search with a pool per query certifies most of the
       # rest (outliers, cluster edges) far more cheaply than brute force.
@@ -665,6 +677,22 @@ def _nearest(queries, ref, k, query_index, chunk_size):
           queries[redo], None if query_index is None else query_index[redo], ref,
           k_out, chunk_size)
   return _rerank(queries, ref, cand, k, query_index)
+
+
+def _host_nearest(queries, query_index, ref, k):
+  """(m, k) indices of the k nearest rows of `ref`, nearest first, in NumPy float64.
+
+  Brute force for the few queries that the leaf search cannot certify; if
+  `query_index` is given, ref[query_index[i]] is excluded for query i.
+  """
+  q = queries.astype(np.float64)
+  d2 = sum((q[:, j, None] - ref[None, :, j].astype(np.float64)) ** 2
+           for j in range(ref.shape[1]))
+  if query_index is not None:
+    d2[np.arange(q.shape[0]), np.asarray(query_index)] = np.inf
+  idx = np.argpartition(d2, k - 1, axis=1)[:, :k]
+  order = np.argsort(np.take_along_axis(d2, idx, axis=1), axis=1, kind="stable")
+  return np.take_along_axis(idx, order, axis=1)
 
 
 def _rerank(queries, ref, cand, k, query_index):

@@ -127,6 +127,7 @@ def test_knn_leaf_search_brute_force_fallback(monkeypatch):
   # With a tiny search budget most queries fail both leaf passes and are
   # redone by brute force; the answer must not change.
   monkeypatch.setattr(evaluate, "_LEAF_CANDIDATES", 8)
+  monkeypatch.setattr(evaluate, "_HOST_MAX_PAIRS", 0)
   calls = []
   brute = evaluate._brute_nearest
   monkeypatch.setattr(evaluate, "_brute_nearest",
@@ -135,6 +136,23 @@ def test_knn_leaf_search_brute_force_fallback(monkeypatch):
   got = evaluate.knn_predict(x[:2500], y[:2500], x[2500:], k=15)
   want = neighbors.KNeighborsClassifier(15).fit(x[:2500], y[:2500]).predict(x[2500:])
   np.testing.assert_array_equal(got, want)
+  assert calls and calls[0] > 50
+
+
+def test_knn_host_fallback_matches_sklearn(monkeypatch):
+  # Uncertified queries finished on the host (float64 brute force), none on
+  # the devices; self-exclusion included.
+  monkeypatch.setattr(evaluate, "_LEAF_CANDIDATES", 8)
+  calls = []
+  host = evaluate._host_nearest
+  monkeypatch.setattr(evaluate, "_host_nearest",
+                      lambda q, *a: calls.append(len(q)) or host(q, *a))
+  x, _ = _blobs(3001, 2, 5, seed=8)
+  x[:10] += 60.0
+  got = evaluate._neighbours(x, 9, None)
+  want = neighbors.NearestNeighbors(n_neighbors=10).fit(x).kneighbors(
+      x, return_distance=False)[:, 1:]
+  np.testing.assert_array_equal(np.sort(got, 1), np.sort(want, 1))
   assert calls and calls[0] > 50
 
 
