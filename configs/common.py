@@ -34,6 +34,10 @@ def get_config():
   # the whole batch. Must divide batch_size / devices. 0 = one pass. With
   # BatchNorm, each chunk is normalised with its own statistics.
   c.train.chunk_size = 0
+  # Adds --xla_gpu_deterministic_ops=true to XLA_FLAGS before JAX starts, so
+  # that a resumed GPU run repeats the uninterrupted one exactly (issue #7);
+  # slower (no autotuning, no atomics). Only XLA:GPU reads the flag.
+  c.train.deterministic = False
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()

@@ -77,6 +77,9 @@ def validate(config, num_devices=None):
     raise ConfigError(f"train.chunk_size={chunk} does not divide the per-device batch "
                       f"{per_device} (batch_size {config.batch_size} / {num_devices} devices); "
                       f"use a divisor of {per_device}, or 0 for one pass")
+  if not isinstance(train.get("deterministic", False), bool):
+    raise ConfigError(f"train.deterministic must be True or False, got "
+                      f"{train.get('deterministic')!r}")
   if config.eval.batch_size < 1:
     raise ConfigError(f"eval.batch_size must be positive, got {config.eval.batch_size}")
   if config.model.name not in models.BACKBONES:

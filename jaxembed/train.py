@@ -25,6 +25,9 @@ def main(argv):
     cli.fail("--workdir is required, e.g. --workdir runs/digits")
   from jaxembed import parallel  # pylint: disable=g-import-not-at-top
   from jaxembed import trainer  # pylint: disable=g-import-not-at-top
+  if config.get("train", {}).get("deterministic", False):
+    # XLA reads XLA_FLAGS when the backend starts: before initialize() and any computation.
+    trainer.enable_deterministic_ops()
   parallel.initialize()
   trainer.train_and_evaluate(config, _WORKDIR.value)
 

@@ -260,6 +260,59 @@ def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable=
                  donate_argnums=(0,))
 
 
+# ----------------------------------------------------------------- determinism
+
+
+# XLA:GPU's switch for run-to-run identical results (jaxlib 0.10 still has it;
+# it implies --xla_gpu_exclude_nondeterministic_ops, openxla/xla#12520): no
+# atomics-based scatters and reductions, and no autotuning, whose kernel
+# choice can change between runs. Only XLA:GPU reads it.
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def enable_deterministic_ops():
+  """Adds XLA's deterministic-ops flag to ``XLA_FLAGS`` (``train.deterministic``).
+
+  XLA reads ``XLA_FLAGS`` once, when JAX starts its backend (the first
+  computation, or ``jax.devices()``), so this must run before that:
+  ``python -m jaxembed.train`` calls it first thing. Called later, the
+  flag can no longer take effect: on a GPU that is an error (exact resume
+  was asked for and cannot be given); elsewhere it only warns, since only
+  XLA:GPU reads the flag.
+
+  Returns:
+    True if the flag is in effect for this process's backend.
+
+  Raises:
+    configlib.ConfigError: the backend already runs on GPUs without the flag.
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  if any(tok in (DETERMINISTIC_FLAG, "--xla_gpu_deterministic_ops")
+         for tok in current.split()):
+    return True
+  if _backend_started():
+    if any(d.platform in ("gpu", "cuda", "rocm") for d in jax.devices()):
+      raise configlib.ConfigError(
+          "train.deterministic=True needs XLA_FLAGS set before JAX starts its GPU backend, "
+          "and it has started already; set XLA_FLAGS=" + DETERMINISTIC_FLAG + " in the "
+          "environment, or call jaxembed.trainer.enable_deterministic_ops() before any JAX "
+          "computation")
+    logging.warning("train.deterministic: the JAX backend has started, so %s cannot take "
+                    "effect; the %s backend does not read it", DETERMINISTIC_FLAG,
+                    jax.default_backend())
+    return False
+  os.environ["XLA_FLAGS"] = (current + " " + DETERMINISTIC_FLAG).strip()
+  return True
+
+
+def _backend_started():
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # another jax: assume the worst
+    return True
+
+
 # ------------------------------------------------------------------ state set-up
 
 
@@ -389,10 +442,15 @@ def train_and_evaluate(config, workdir):
   # ---- setup
   t_start = time.time()
   config = config.copy_and_resolve_references()
+  deterministic = _train_option(config, "deterministic", False)
+  if deterministic:
+    deterministic = enable_deterministic_ops()  # before validate() starts the backend
   stage_dicts = configlib.validate(config)
   main = parallel.is_main_process()
   workdir_lib.prepare_workdir(workdir)
   mesh = parallel.make_mesh()
+  if deterministic and main:
+    print(f"Deterministic XLA ops: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
   # ---- data
   ds = data_lib.load(config.data)

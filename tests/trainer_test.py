@@ -1,4 +1,9 @@
-"""Trainer pieces: config validation, stages, learning rates, freezing, fail-fast."""
+"""Trainer pieces: config validation, stages, learning rates, freezing, fail-fast, determinism."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +13,8 @@ import pytest
 
 from configs import common, digits
 from jaxembed import configlib, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_config(**changes):
@@ -129,3 +136,68 @@ def test_non_finite_loss_stops_with_step_stage_and_hint(tmp_path):
   with pytest.raises(trainer.TrainingError, match=r"non-finite .* step \d+ \(stage 1/3\).*lower"):
     trainer.train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def run_python(code, xla_flags=None):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_deterministic_flag_is_set_before_the_backend_starts_and_xla_knows_it():
+  code = ("import os\n"
+          "from jaxembed import trainer\n"
+          "assert trainer.enable_deterministic_ops()\n"
+          "import jax\n"
+          "print(float(jax.numpy.arange(3.0).sum()))\n"
+          "print('FLAGS', os.environ['XLA_FLAGS'])\n")
+  proc = run_python(code, "--xla_force_host_platform_device_count=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "3.0" in proc.stdout
+  flags = proc.stdout.split("FLAGS", 1)[1].split()
+  assert flags == ["--xla_force_host_platform_device_count=2", "--xla_gpu_deterministic_ops=true"]
+  # XLA rejects flags it does not know when the backend starts, so the run above shows
+  # that this jaxlib knows the flag's name; a misspelt one fails the same program.
+  bad = run_python("import jax; print(jax.numpy.zeros(1))", "--xla_gpu_determinstic_ops=true")
+  assert bad.returncode != 0 and "Unknown flag" in bad.stderr
+
+
+def test_deterministic_after_the_backend_started(monkeypatch):
+  jax.devices()  # this process's CPU backend is running
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert trainer.enable_deterministic_ops() is False    # CPU: a warning, results repeat anyway
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+  class FakeGpu:
+    platform = "gpu"
+  monkeypatch.setattr(jax, "devices", lambda *a: [FakeGpu()])
+  with pytest.raises(configlib.ConfigError, match="before JAX starts its GPU backend"):
+    trainer.enable_deterministic_ops()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+  assert trainer.enable_deterministic_ops() is True    # set by the user in the environment
+
+
+@pytest.mark.slow
+def test_deterministic_cli_run(tmp_path):
+  one_stage = ["--config.stages.epochs=(1,)", "--config.stages.lr_scale=(1.0,)",
+               "--config.stages.warmup_epochs=(0,)", "--config.stages.head_dim=(2,)",
+               "--config.stages.head_init=('lecun',)", "--config.stages.trainable=('all',)"]
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxembed.train", "--config", "configs/digits.py:smoke",
+       "--workdir", str(tmp_path / "w"), "--config.train.deterministic=True",
+       "--config.outputs.plots=False", "--config.data.max_examples=128", *one_stage],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Deterministic XLA ops: XLA_FLAGS='--xla_gpu_deterministic_ops=true'" in proc.stdout
+  metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
+  assert metrics["steps"] == 3 and np.isfinite(metrics["knn_accuracy"])
+  config = json.loads((tmp_path / "w" / "config.json").read_text())
+  assert config["train"]["deterministic"] is True
