@@ -20,7 +20,7 @@ compute dtype (``PEAK_FLOPS``, or ``--peak_flops``; n/a on CPU by default).
 
 Usage:
   python scripts/benchmark_train.py                         # accelerator: the issue #11 grid
-  python scripts/benchmark_train.py --cpu_budget            # CPU: a few minutes on 2 cores
+  python scripts/benchmark_train.py --cpu_budget            # CPU sizes (default on CPU)
   python scripts/benchmark_train.py --quick                 # smoke run, tiny model
   python scripts/benchmark_train.py --profile /tmp/prof     # also a jax.profiler trace per case
   python scripts/benchmark_train.py --compare_xla_flags     # CPU: XLA flags side by side
@@ -103,13 +103,17 @@ def parse_args(argv=None):
   p.add_argument("--quick", action="store_true",
                  help="smoke run: resnet_tiny (widths 4-8), 8 px, batch 16, float32, 2x2 steps")
   p.add_argument("--cpu_budget", action="store_true",
-                 help="CPU sizes (a few minutes on 2 cores): batch 256, 2 windows of 2 steps; "
-                      "EfficientNet-B0 at batch 32")
+                 help="CPU sizes (the default on a CPU backend): ResNet-18 batch 128, "
+                      "EfficientNet-B0 batch 16, 2 windows of 1 step after 1 warm-up step")
   p.add_argument("--compare_xla_flags", action="store_true",
                  help="time the digits default step and ResNet-18 (batch 256, 32 px) without and "
                       "with each of XLA_CPU_CANDIDATES (or --xla_flags), side by side")
+  p.add_argument("--compare_bases", default="digits,resnet18",
+                 help="steps compared by --compare_xla_flags: digits (the digits default) and/or "
+                      "resnet18 (batch 256, 32 px, float32)")
   p.add_argument("--xla_flags", default=None,
-                 help="';'-separated XLA flag sets for --compare_xla_flags")
+                 help="';'-separated XLA flag sets for --compare_xla_flags; pass as "
+                      "--xla_flags=--xla_cpu_...=value (with =, as the value starts with --)")
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="also run --profile_steps steps of each case under jax.profiler.trace(DIR/<case>)")
   p.add_argument("--profile_steps", type=int, default=3)
@@ -376,7 +380,7 @@ def plan_cases(args, backend):
   if args.quick:
     timing = {"steps": 2, "windows": 2, "warmup": 1, "fast_compile": True}
   elif cpu_budget:
-    timing = {"steps": 2, "windows": 2, "warmup": 1}
+    timing = {"steps": 1, "windows": 2, "warmup": 1}
   else:
     timing = {"steps": 10, "windows": 5, "warmup": 3}
   for k in ("steps", "windows", "warmup"):
@@ -387,9 +391,14 @@ def plan_cases(args, backend):
   if args.compare_xla_flags:
     flag_sets = ([""] + ([f.strip() for f in args.xla_flags.split(";") if f.strip()]
                          if args.xla_flags else XLA_CPU_CANDIDATES) + [""])  # baseline twice
-    bases = [{"config": "digits"},
-             {"config": "common", "name": "resnet18", "stem": "cifar", "batch_size": 256,
-              "image_size": 32, "dtype": "float32"}]
+    known = {"digits": {"config": "digits"},
+             "resnet18": {"config": "common", "name": "resnet18", "stem": "cifar",
+                          "batch_size": 256, "image_size": 32, "dtype": "float32"}}
+    names = [b.strip() for b in args.compare_bases.split(",") if b.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+      raise ValueError(f"--compare_bases {args.compare_bases!r}: use digits and/or resnet18")
+    bases = [known[b] for b in names]
     if args.quick:
       bases = [{"config": "common", "name": "resnet_tiny", "widths": [4, 8], "stage_sizes": [1, 1],
                 "hidden_dim": 16, "batch_size": 16, "image_size": 8, "dtype": "float32"}]
@@ -407,9 +416,11 @@ def plan_cases(args, backend):
     if args.batch_sizes:
       sizes = _ints(args.batch_sizes, "--batch_sizes")
     elif cpu_budget:
-      # XLA:CPU's depthwise-convolution backward pass makes EfficientNet ~10x
-      # slower per image than ResNet-18 here (docs/BENCHMARKS.md, backbones).
-      sizes = [32] if name.startswith("efficientnet") else [256]
+      # ResNet-18 at batch 256 did not finish compile + 5 steps within 30 min
+      # on the shared 2-core VM (load average 10-15); XLA:CPU's depthwise-
+      # convolution backward pass makes EfficientNet slower still per image
+      # (docs/BENCHMARKS.md, backbones).
+      sizes = [16] if name.startswith("efficientnet") else [128]
     else:
       sizes = [512, 1024]
     for b in sizes:
