@@ -61,6 +61,13 @@ def get_config():
   c.data.classes = config_dict.placeholder(tuple)  # keep only these labels
   c.data.intensity = "minmax"       # for non-uint8 images: minmax | per_image | window
   c.data.window = config_dict.placeholder(tuple)   # (low, high) for intensity=window
+  # Read the training batches from disk each step (tf.data, transferred to
+  # the devices ahead of use) instead of keeping the training images on the
+  # devices: for data that do not fit in device memory (issue #9). Sources
+  # folder (the same batches as in memory) and tfds (its own shuffled order).
+  # The host still loads the data once for statistics, evaluation and export.
+  c.data.streaming = False
+  c.data.prefetch = 2               # streamed batches placed on the devices ahead of the step
 
   # --------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()

@@ -80,6 +80,20 @@ def validate(config, num_devices=None):
   if not isinstance(train.get("deterministic", False), bool):
     raise ConfigError(f"train.deterministic must be True or False, got "
                       f"{train.get('deterministic')!r}")
+  data = config.data
+  if data.get("streaming", False):
+    if data.source not in ("folder", "tfds"):
+      raise ConfigError(f"data.streaming reads data.source 'folder' or 'tfds', not "
+                        f"{data.source!r}; the other sources fit in memory: set "
+                        "data.streaming=False")
+    if data.source == "tfds" and (data.get("max_examples") is not None
+                                  or data.get("classes") is not None
+                                  or data.get("test_split") == "none"):
+      raise ConfigError("data.streaming with TFDS streams the whole training split, so it "
+                        "cannot apply data.max_examples, data.classes or "
+                        "data.test_split='none'; unset them or set data.streaming=False")
+  if not isinstance(data.get("prefetch", 2), int) or data.get("prefetch", 2) < 0:
+    raise ConfigError(f"data.prefetch must be an integer >= 0, got {data.get('prefetch')!r}")
   if config.eval.batch_size < 1:
     raise ConfigError(f"eval.batch_size must be positive, got {config.eval.batch_size}")
   if config.model.name not in models.BACKBONES:

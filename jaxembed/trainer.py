@@ -497,7 +497,10 @@ def train_and_evaluate(config, workdir):
     if main:
       print(f"Resuming from the checkpoint at step {latest} (stage {stage.index + 1}).", flush=True)
 
-  images_all = parallel.replicate(mesh, jnp.asarray(ds.train_images))
+  # Device-resident data, uploaded once; or, with data.streaming, batches read
+  # from disk each step (the host copy in ds serves statistics and evaluation).
+  streaming = bool(config.data.get("streaming", False))
+  images_all = None if streaming else parallel.replicate(mesh, jnp.asarray(ds.train_images))
   writer = summary.create_writer(workdir, config.logging.writer, main)
   if latest is None:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
@@ -509,14 +512,18 @@ def train_and_evaluate(config, workdir):
     if s.index > stage.index:
       model, state, tx = _enter_stage(config, s, model, state, ds, mesh, spe, root_key)
     train_step = make_train_step(model, tx, loss_fn, config.aug, config.batch_size, mesh,
-                                 s.trainable, chunk_size=_train_option(config, "chunk_size", 0))
+                                 s.trainable, chunk_size=_train_option(config, "chunk_size", 0),
+                                 streaming=streaming)
     if main:
       print(f"Stage {s.index + 1}/{len(stages)}: {s.epochs} epochs ({s.num_steps} steps"
             f" of {config.batch_size}), head_dim {s.head_dim}, trains {s.trainable}, "
             f"peak lr {config.optimizer.base_lr * config.batch_size / 256 * s.lr_scale:.3g}",
             flush=True)
-    state = _run_stage(s, stages, state, train_step, images_all, step_key, manager, config, spe,
-                       n_train, writer, mesh, main)
+    step = int(state["step"])
+    batches = (_training_stream(config, ds, mesh, step, s.last_step - step)
+               if streaming and step < s.last_step else None)
+    state = _run_stage(s, stages, state, train_step, images_all, batches, step_key, manager,
+                       config, spe, n_train, writer, mesh, main)
     step = int(state["step"])
     if str(s.index) in stage_metrics and step == s.last_step and latest == step:
       continue  # evaluated before the interruption
@@ -568,17 +575,33 @@ def _enter_stage(config, stage, model, state, ds, mesh, spe, root_key):
   return new_model, parallel.replicate(mesh, new_state), tx
 
 
-def _run_stage(stage, stages, state, train_step, images_all, step_key, manager, config, spe,
-               n_train, writer, mesh, main):
-  """Runs the remaining steps of ``stage``; returns the state at its end."""
+def _training_stream(config, ds, mesh, start_step, num_steps):
+  """The streamed uint8 batches of steps ``start_step ..`` (data.streaming), on the devices."""
+  from jaxembed.data import streaming as streaming_lib  # pylint: disable=g-import-not-at-top
+  return streaming_lib.stream_batches(
+      config.data, config.batch_size, mesh, seed=config.seed, start_step=start_step,
+      num_steps=num_steps, prefetch=config.data.get("prefetch", 2), vrange=ds.intensity_range)
+
+
+def _run_stage(stage, stages, state, train_step, images_all, batches, step_key, manager, config,
+               spe, n_train, writer, mesh, main):
+  """Runs the remaining steps of ``stage``; returns the state at its end.
+
+  ``batches`` is None for device-resident data (``images_all`` and the
+  step's indices), else the iterator of streamed batches, positioned at the
+  stage's current step.
+  """
   step = int(state["step"])
   t_last, step_last = time.time(), step
   total = stages[-1].last_step
   schedule = learning_rate(config, stage, spe)  # for logging; the optimiser holds its own
   while step < stage.last_step:
-    idx = pipeline.batch_indices(config.seed, step, n_train, config.batch_size)
-    state, step_metrics = train_step(state, images_all, parallel.global_from_full(mesh, idx),
-                                     step_key)
+    if batches is None:
+      idx = pipeline.batch_indices(config.seed, step, n_train, config.batch_size)
+      state, step_metrics = train_step(state, images_all, parallel.global_from_full(mesh, idx),
+                                       step_key)
+    else:
+      state, step_metrics = train_step(state, next(batches), step_key)
     step += 1
     at_end = step == stage.last_step
     if step % config.logging.every_steps == 0 or at_end:

@@ -16,6 +16,10 @@ ahead, while tf.data decodes the next ones on CPU threads.
   file and buffer shuffling seeded by (seed, epoch): deterministic, but a
   different order than the in-memory path.
 
+The trainer streams its training batches from here when ``data.streaming``
+is set (positioned at the resumed step); evaluation still embeds the host
+copy of the data.
+
 TensorFlow is imported on the first call, never by the rest of jaxembed.data.
 """
 
