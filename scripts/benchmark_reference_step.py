@@ -25,7 +25,10 @@ spare cores compete with the compute), so two ratios are given: with and
 without it. Cases: ``cifar`` (32 px, batch 256, synthetic photo-like
 images) and ``digits`` (the digits split at 16 px repeated to RGB, batch
 128, still ResNet-18: jaxembed's resnet_tiny default is not comparable).
-Prints a table, writes scripts/results/benchmark_reference_step.json.
+Prints a table, writes scripts/results/benchmark_reference_step.json
+(after every case, so a stopped run keeps the finished ones). On 2 shared
+CPU cores a ResNet-18 step of jaxembed (XLA:CPU) takes minutes at 16 px
+and batch 128; the cifar case (8x the work) is for a quieter machine.
 
   python scripts/benchmark_reference_step.py --torch_python /work/torchvenv/bin/python \
       [--cases cifar,digits] [--rounds 3] [--threads 2]
@@ -36,6 +39,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -197,6 +201,8 @@ def main():
   if args._worker:  # pylint: disable=protected-access
     jax_worker(args)
     return
+  # A terminated run still stops its two workers (the finally blocks run).
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   cases = [c.strip() for c in args.cases.split(",") if c.strip()]
   unknown = [c for c in cases if c not in CASES]
   if unknown or not cases:
@@ -213,9 +219,25 @@ def main():
     sys.exit(torch_side.USAGE_ERROR)
 
   rows = []
+
+  def write():
+    # After every case, so a run stopped during a long case keeps the finished ones.
+    result = dict(
+        what="median seconds per training step (2 views, forward, Cauchy loss, backward, "
+             "SGD), ResNet-18 CIFAR stem, alternating processes",
+        date=datetime.date.today().isoformat(),
+        machine=f"{platform.platform()}, {os.cpu_count()} CPU cores",
+        load_average_1min=os.getloadavg()[0], torch_side=info, torch_threads=args.threads,
+        command="python scripts/benchmark_reference_step.py " + " ".join(sys.argv[1:]),
+        cases_requested=cases, rows=rows)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
   with tempfile.TemporaryDirectory(prefix="reference_step_") as tmp:
     for name in cases:
       rows.append(run_case(name, args, python, tmp))
+      write()
 
   print(f"\n{'case':8s}{'px':>4s}{'batch':>6s}{'jaxembed s':>12s}{'tsimcne s':>11s}"
         f"{'(aug s)':>9s}{'ratio':>7s}{'w/o aug':>9s}")
@@ -226,17 +248,6 @@ def main():
           f"{r['ratio_without_reference_augmentation']:9.2f}")
   print("ratio = tsimcne step time / jaxembed step time (>1: jaxembed faster); "
         "'w/o aug' leaves the reference's augmentation out")
-  result = dict(
-      what="median seconds per training step (2 views, forward, Cauchy loss, backward, SGD), "
-           "ResNet-18 CIFAR stem, alternating processes",
-      date=datetime.date.today().isoformat(),
-      machine=f"{platform.platform()}, {os.cpu_count()} CPU cores",
-      load_average_1min=os.getloadavg()[0], torch_side=info, torch_threads=args.threads,
-      command="python scripts/benchmark_reference_step.py " + " ".join(
-          a for a in sys.argv[1:]), rows=rows)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
   print(f"wrote {args.out}")
 
 

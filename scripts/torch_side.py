@@ -269,7 +269,7 @@ def cmd_step(args):
     torch.nn.utils.clip_grad_value_(model.parameters(), 4.0)
     opt.step()
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, float(loss)
+    return t1 - t0, t2 - t1, loss.item()
 
   warm = [one_step() for _ in range(args.warmup)]
   emit("READY", dict(versions=info, threads=torch.get_num_threads(), image_size=size,
