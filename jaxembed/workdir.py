@@ -24,6 +24,11 @@ class WorkdirError(ValueError):
   """The workdir cannot be used (a file, not writable, or holding a different run)."""
 
 
+# Fields that may change between invocations of one run: they change how a run
+# is logged, checkpointed, fed or computed in memory, not what it trains.
+RESUME_FREE_FIELDS = ("logging.", "checkpoint.every_steps", "checkpoint.keep", "outputs.",
+                      "data.prefetch", "train.chunk_size")
+
 CONFIG = "config.json"
 METRICS = "metrics.json"
 STAGE_METRICS = "stage_metrics.json"
@@ -126,7 +131,8 @@ def check_or_write_config(workdir, config, run_info, write=True):
     except (OSError, json.JSONDecodeError) as e:
       raise WorkdirError(f"{path} exists but cannot be read ({e}); use a new --workdir") from e
     old_run = old.pop("run", {})
-    diff = sorted(_diff(old, new))
+    diff = sorted(d for d in _diff(old, new, defaults=_defaults())
+                  if not d.startswith(RESUME_FREE_FIELDS))
     if old_run.get("data_hash") not in (None, run_info["data_hash"]):
       diff.append("the training data (data hash)")
     if diff:
@@ -139,12 +145,25 @@ def check_or_write_config(workdir, config, run_info, write=True):
     write_json(path, dict(new, run=run_info))
 
 
-def _diff(a, b, prefix=""):
-  keys = set(a) | set(b)
-  for k in keys:
-    va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+def _defaults():
+  """Every field at its default (configs/common.py), as config.json stores them."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  return json.loads(configlib.to_json(common.get_config()))
+
+
+def _diff(a, b, prefix="", defaults=None):
+  """Dotted names of the fields that differ; a field one side lacks counts as its default.
+
+  A config.json written before a field existed lacks it, and the run it
+  describes behaved as the field's default does.
+  """
+  defaults = defaults or {}
+  missing = "<missing>"
+  for k in set(a) | set(b):
+    default = defaults.get(k, missing)
+    va, vb = a.get(k, default), b.get(k, default)
     if isinstance(va, dict) and isinstance(vb, dict):
-      yield from _diff(va, vb, f"{prefix}{k}.")
+      yield from _diff(va, vb, f"{prefix}{k}.", default if isinstance(default, dict) else None)
     elif va != vb:
       yield f"{prefix}{k}"
 
