@@ -112,6 +112,10 @@ def validate(config, num_devices=None):
     raise ConfigError(f"loss.temperature must be positive, got {config.loss.temperature}")
   if config.eval.protocol not in ("split", "paper"):
     raise ConfigError(f"eval.protocol {config.eval.protocol!r} unknown; use 'split' or 'paper'")
+  every = config.eval.every_epochs
+  if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+    raise ConfigError(f"eval.every_epochs must be an integer >= 0 (0 = at stage ends only), "
+                      f"got {every!r}")
   if config.eval.knn_k < 1:
     raise ConfigError(f"eval.knn_k must be >= 1, got {config.eval.knn_k}")
   if config.logging.writer not in ("tensorboard", "clu"):

@@ -7,8 +7,10 @@ the data, so a resumed run repeats the uninterrupted one exactly.
 """
 
 import dataclasses
+import functools
 import json
 import os
+import tempfile
 import time
 
 from absl import logging
@@ -396,6 +398,28 @@ def evaluate_embedding(model, variables, ds, mesh, config):
   return metrics, train, test
 
 
+def evaluate_and_log(model, state, ds, mesh, config, writer, main, announce=False):
+  """Evaluates the current state and logs it: eval/ scalars, and a 2-D map as an image summary.
+
+  Returns the metrics dict of :func:`evaluate_embedding`.
+  """
+  step = int(state["step"])
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  metrics, train, test = evaluate_embedding(model, variables, ds, mesh, config)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+  if main and config.outputs.plots and metrics["head_dim"] == 2:
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "map.png")
+      split = test if len(ds.test_images) else train
+      labels = ds.test_labels if len(ds.test_images) else ds.train_labels
+      plots.scatter_png(path, split["z"], labels if labels.ndim == 1 else None,
+                        title=f"step {step}")
+      writer.write_images(step, {"eval/map": plots.read_png(path)[None]})
+  if main and announce:
+    print(f"evaluation at step {step}: " + _format_metrics(metrics), flush=True)
+  return metrics
+
+
 def _paper_metrics(train, test, ds, config):
   """The paper's protocol: everything embedded; kNN on a stratified 10% hold-out of it."""
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
@@ -522,16 +546,15 @@ def train_and_evaluate(config, workdir):
     step = int(state["step"])
     batches = (_training_stream(config, ds, mesh, step, s.last_step - step)
                if streaming and step < s.last_step else None)
+    periodic_eval = functools.partial(evaluate_and_log, model, ds=ds, mesh=mesh, config=config,
+                                      writer=writer, main=main, announce=True)
     state = _run_stage(s, stages, state, train_step, images_all, batches, step_key, manager,
-                       config, spe, n_train, writer, mesh, main)
+                       config, spe, n_train, writer, mesh, main, periodic_eval)
     step = int(state["step"])
     if str(s.index) in stage_metrics and step == s.last_step and latest == step:
       continue  # evaluated before the interruption
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    metrics, _, _ = evaluate_embedding(model, variables, ds, mesh, config)
+    metrics = evaluate_and_log(model, state, ds, mesh, config, writer, main)
     stage_metrics[str(s.index)] = metrics
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
-                                if isinstance(v, float)})
     if main:
       workdir_lib.write_stage_metrics(workdir, stage_metrics)
       print(f"Stage {s.index + 1} done: " + _format_metrics(metrics), flush=True)
@@ -584,13 +607,16 @@ def _training_stream(config, ds, mesh, start_step, num_steps):
 
 
 def _run_stage(stage, stages, state, train_step, images_all, batches, step_key, manager, config,
-               spe, n_train, writer, mesh, main):
+               spe, n_train, writer, mesh, main, periodic_eval):
   """Runs the remaining steps of ``stage``; returns the state at its end.
 
   ``batches`` is None for device-resident data (``images_all`` and the
   step's indices), else the iterator of streamed batches, positioned at the
-  stage's current step.
+  stage's current step. ``periodic_eval(state)`` runs every
+  ``config.eval.every_epochs`` epochs of the stage (not at its end, which the
+  caller evaluates).
   """
+  eval_every = config.eval.every_epochs * spe
   step = int(state["step"])
   t_last, step_last = time.time(), step
   total = stages[-1].last_step
@@ -627,6 +653,9 @@ def _run_stage(stage, stages, state, train_step, images_all, batches, step_key, 
     if at_end or step % config.checkpoint.every_steps == 0:
       _check_finite(state, stage, stages)
       checkpoint.save(manager, step, state)
+    if eval_every and not at_end and (step - stage.first_step) % eval_every == 0:
+      periodic_eval(state)
+      t_last = time.time()  # evaluation time is not training throughput
   return state
 
 

@@ -46,6 +46,7 @@ def smoke_config(**changes):
     ({"optimizer.base_lr": -1.0}, "base_lr"),
     ({"loss.name": "triplet"}, "triplet"),
     ({"eval.protocol": "mine"}, "protocol"),
+    ({"eval.every_epochs": -1}, "eval.every_epochs"),
     ({"aug.preset": "heavy"}, "config.aug"),
     ({"logging.writer": "wandb"}, "logging.writer"),
 ])
@@ -136,6 +137,27 @@ def test_non_finite_loss_stops_with_step_stage_and_hint(tmp_path):
   with pytest.raises(trainer.TrainingError, match=r"non-finite .* step \d+ \(stage 1/3\).*lower"):
     trainer.train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_logs_metrics_and_the_map(tmp_path, capsys):
+  """eval.every_epochs=1 evaluates inside the stages; 2-D stages add the map as an image."""
+  c = smoke_config(**{"stages.epochs": (2, 0, 2), "eval.every_epochs": 1})
+  trainer.train_and_evaluate(c, str(tmp_path / "w"))
+  out = capsys.readouterr().out
+  spe = json.loads((tmp_path / "w" / "config.json").read_text())["run"]["num_train"] // 32
+  # One evaluation after the first epoch of stages 1 and 3 (their ends are stage evaluations).
+  assert out.count("evaluation at step") == 2
+  assert f"evaluation at step {spe}:" in out and f"evaluation at step {3 * spe}:" in out
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "w"),
+                                           size_guidance={"images": 0, "scalars": 0})
+  acc.Reload()
+  knn_steps = [e.step for e in acc.Scalars("eval/knn_accuracy")]
+  assert spe in knn_steps and 3 * spe in knn_steps
+  maps = acc.Images("eval/map")
+  assert {e.step for e in maps} == {2 * spe, 3 * spe, 4 * spe}  # stage ends 2, 3 and the periodic
+  assert all(e.width > 100 and e.height > 100 for e in maps)
 
 
 # ------------------------------------------------------------------ determinism
