@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxembed.models import cpu_conv
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -51,7 +53,8 @@ def torch_conv(features: int, kernel_size: int, strides: int = 1, groups: int = 
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                  padding=[(pad, pad), (pad, pad)], feature_group_count=groups,
                  use_bias=use_bias, kernel_init=conv_init, dtype=dtype,
-                 param_dtype=jnp.float32, name=name)
+                 param_dtype=jnp.float32, name=name,
+                 conv_general_dilated=cpu_conv.conv_general_dilated)
 
 
 def batch_norm(train: bool, dtype: Any = jnp.float32, epsilon: float = BN_EPSILON,
