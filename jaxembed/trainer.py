@@ -8,7 +8,6 @@ the data, so a resumed run repeats the uninterrupted one exactly.
 
 import dataclasses
 import functools
-import json
 import os
 import tempfile
 import time

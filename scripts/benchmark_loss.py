@@ -21,11 +21,12 @@ Prints a table and writes scripts/results/benchmark_loss.json.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 import time
+
+import results_io
 
 
 def parse_args():
@@ -47,7 +48,6 @@ def main():
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + f" --xla_force_host_platform_device_count={args.cpu_devices}")
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from jaxembed import losses, parallel  # pylint: disable=g-import-not-at-top
@@ -118,10 +118,7 @@ def main():
                "None = compiled only (over --max_run_gib).",
       "rows": rows,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  results_io.write_json(args.out, result)
 
 
 if __name__ == "__main__":

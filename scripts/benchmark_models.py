@@ -13,7 +13,6 @@ Writes scripts/results/benchmark_models.json (or --out) and prints a table.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jaxembed import models  # noqa: E402  pylint: disable=g-import-not-at-top
+import results_io  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def random_variables(module, shape, seed=0):
@@ -128,10 +128,7 @@ def main(argv=None):
       "device_count": jax.device_count(), "machine": platform.machine(),
       "cpu_count": os.cpu_count(), "jax": jax.__version__, "results": rows,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  results_io.write_json(args.out, result)
 
 
 if __name__ == "__main__":

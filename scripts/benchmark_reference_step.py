@@ -36,7 +36,6 @@ and batch 128; the cifar case (8x the work) is for a quieter machine.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import signal
@@ -48,6 +47,7 @@ import time
 import numpy as np
 
 import torch_side
+import results_io
 
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -230,9 +230,7 @@ def main():
         load_average_1min=os.getloadavg()[0], torch_side=info, torch_threads=args.threads,
         command="python scripts/benchmark_reference_step.py " + " ".join(sys.argv[1:]),
         cases_requested=cases, rows=rows)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+    results_io.write_json(args.out, result, verbose=False)
 
   with tempfile.TemporaryDirectory(prefix="reference_step_") as tmp:
     for name in cases:

@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 import torch_side
+import results_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "scripts", "results")
@@ -199,10 +200,7 @@ def main():
       epochs=list(config.stages.epochs), batch_size=int(config.batch_size), knn_k=k,
       torch_side=torch_info if python else f"not run: {torch_info}",
       rows=rows)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1, default=str)
-  print(f"wrote {args.out}")
+  results_io.write_json(args.out, result)
 
 
 if __name__ == "__main__":

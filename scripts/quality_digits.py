@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+import results_io
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,10 +77,7 @@ def main():
         f"{wall:>10.1f}")
   print(f"{'t-SNE of pixels':<22}{tsne['knn_accuracy']:>12.4f}{tsne['silhouette']:>12.4f}"
         f"{tsne['seconds']:>10.1f}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
+  results_io.write_json(args.out, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ same in one process (the reference).
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxembed import losses, parallel
