@@ -132,7 +132,9 @@ def case_images(name, n):
     sys.path.insert(0, REPO)
   from configs import digits  # pylint: disable=g-import-not-at-top
   from jaxembed import data  # pylint: disable=g-import-not-at-top
-  ds = data.load(ml_collections.ConfigDict(dict(digits.get_config().data)))
+  data_config = ml_collections.ConfigDict(dict(digits.get_config().data))
+  data_config.image_size = CASES[name]["size"]  # upsampled, whatever the default job uses
+  ds = data.load(data_config)
   return np.repeat(ds.train_images, 3, axis=-1)[:n]
 
 
