@@ -22,12 +22,12 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
+import results_io
+
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(SCRIPTS)
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -114,19 +114,8 @@ def run_in_subprocess(spec, n, timeout):
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
   env["XLA_FLAGS"] = " ".join(flags + [f"{DEVICE_COUNT_FLAG}={n}"])
   env["JAX_PLATFORMS"] = "cpu"
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-  try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-  except subprocess.TimeoutExpired:
-    return {"num_devices": n, "error": f"timed out after {timeout:.0f} s"}
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-  return {"num_devices": n, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+  result, error = results_io.run_worker(__file__, spec, env, timeout)
+  return result if error is None else {"num_devices": n, "error": error}
 
 
 def max_relative_difference(losses, reference):

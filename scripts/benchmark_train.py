@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+import results_io
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "scripts", "results")
 
@@ -344,19 +346,8 @@ def run_in_subprocess(case, timeout):
   env = dict(os.environ)
   if case.get("xla_flags"):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + case["xla_flags"]).strip()
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case)]
-  try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-  except subprocess.TimeoutExpired:
-    return {"case": case_name(case), "error": f"timed out after {timeout:.0f} s"}
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-  return {"case": case_name(case), "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+  result, error = results_io.run_worker(__file__, case, env, timeout)
+  return result if error is None else {"case": case_name(case), "error": error}
 
 
 def probe_backend():

@@ -1,7 +1,11 @@
-"""Writing a script's JSON result (scripts/results/*.json): one place for every script here."""
+"""What the scripts here share: writing JSON results (scripts/results/*.json), worker processes."""
 
 import json
 import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_json(path, result, indent=1, verbose=True):
@@ -13,3 +17,26 @@ def write_json(path, result, indent=1, verbose=True):
   os.replace(tmp, path)
   if verbose:
     print(f"wrote {path}")
+
+
+def run_worker(script, spec, env, timeout):
+  """Runs ``script --worker JSON(spec)`` in a fresh interpreter with ``env``.
+
+  The worker prints its result as one line ``RESULT <json>``. Returns
+  ``(result, None)``, or ``(None, error message)`` when it timed out or
+  printed no result.
+  """
+  env = dict(env)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  cmd = [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)]
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+  except subprocess.TimeoutExpired:
+    return None, f"timed out after {timeout:.0f} s"
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):]), None
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+  return None, f"exit {proc.returncode}: " + " | ".join(tail)
