@@ -211,11 +211,7 @@ def main():
     parser.error(f"unknown case(s) {unknown}; choose from {sorted(CASES)}")
   if min(args.rounds, args.steps, args.warmup) < 1:
     parser.error("--rounds, --steps and --warmup must be at least 1")
-  try:
-    python, info = torch_side.resolve(args.torch_python, ["torch", "torchvision", "tsimcne"])
-  except torch_side.TorchUnavailable as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(torch_side.USAGE_ERROR)
+  python, info = torch_side.resolve(args.torch_python, ["torch", "torchvision", "tsimcne"])
   if python is None:
     print(f"error: {info}", file=sys.stderr)
     sys.exit(torch_side.USAGE_ERROR)

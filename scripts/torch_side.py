@@ -67,12 +67,16 @@ def probe(python, need):
 def resolve(torch_python, need):
   """(python, versions) for the torch side, or (None, reason) when the default cannot serve.
 
-  An explicit ``torch_python`` that lacks a package raises TorchUnavailable
-  (the caller exits 2); without one, the current interpreter is tried and
-  ``(None, reason)`` says why it cannot serve.
+  An explicit ``torch_python`` that lacks a package is a usage error: the
+  reason goes to stderr and the script exits 2. Without one, the current
+  interpreter is tried and ``(None, reason)`` says why it cannot serve.
   """
   if torch_python:
-    return torch_python, probe(torch_python, need)
+    try:
+      return torch_python, probe(torch_python, need)
+    except TorchUnavailable as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(USAGE_ERROR)
   try:
     return sys.executable, probe(sys.executable, need)
   except TorchUnavailable as e:
