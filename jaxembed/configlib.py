@@ -58,6 +58,21 @@ def stages(config):
   return out
 
 
+def num_chunks(chunk_size, batch_size, num_devices):
+  """Chunks per step of ``train.chunk_size`` images per device (0, or the whole batch: one pass).
+
+  Raises ConfigError when the chunk does not divide the per-device batch.
+  """
+  per_device = batch_size // num_devices
+  if not chunk_size or chunk_size >= per_device:
+    return 1
+  if per_device % chunk_size:
+    raise ConfigError(f"train.chunk_size={chunk_size} does not divide the per-device batch "
+                      f"{per_device} (batch_size {batch_size} / {num_devices} devices); use a "
+                      f"divisor of {per_device}, or 0 for one pass")
+  return per_device // chunk_size
+
+
 def validate(config, num_devices=None):
   """Raises ConfigError for impossible values; called before any data or model is built."""
   from jaxembed import models  # pylint: disable=g-import-not-at-top
@@ -72,11 +87,7 @@ def validate(config, num_devices=None):
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
     raise ConfigError(f"train.chunk_size must be an integer >= 0 (images per device; 0 = one "
                       f"pass), got {chunk!r}")
-  per_device = config.batch_size // num_devices
-  if chunk and per_device % chunk and chunk < per_device:
-    raise ConfigError(f"train.chunk_size={chunk} does not divide the per-device batch "
-                      f"{per_device} (batch_size {config.batch_size} / {num_devices} devices); "
-                      f"use a divisor of {per_device}, or 0 for one pass")
+  num_chunks(chunk, config.batch_size, num_devices)
   if not isinstance(train.get("deterministic", False), bool):
     raise ConfigError(f"train.deterministic must be True or False, got "
                       f"{train.get('deterministic')!r}")

@@ -202,19 +202,6 @@ def _views(keys, images, aug):
   return jax.vmap(lambda k, im: augment.augment_image(k, im, aug))(keys, x)
 
 
-def num_chunks_of(chunk_size, batch_size, num_devices):
-  """Chunks per step of ``train.chunk_size`` images per device (0: one pass)."""
-  per_device = batch_size // num_devices
-  if not chunk_size or chunk_size >= per_device:
-    return 1
-  if per_device % chunk_size:
-    raise configlib.ConfigError(
-        f"train.chunk_size={chunk_size} does not divide the per-device batch {per_device} "
-        f"(batch_size {batch_size} / {num_devices} devices); use a divisor of {per_device}, "
-        "or 0 for one pass")
-  return per_device // chunk_size
-
-
 def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable="all",
                     chunk_size=0, streaming=False):
   """The jitted step: augment two views, loss on the global batch, update.
@@ -229,7 +216,7 @@ def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable=
   A step whose loss or gradients are not finite leaves the state unchanged
   and records the step in ``bad_step``; the host stops the run when it sees it.
   """
-  num_chunks = num_chunks_of(chunk_size, batch_size, mesh.devices.size)
+  num_chunks = configlib.num_chunks(chunk_size, batch_size, mesh.devices.size)
   grad_fn = make_loss_and_grads(model, loss_fn, aug_config, trainable, num_chunks, mesh)
 
   def update(state, images, root_key):
@@ -480,7 +467,8 @@ def train_and_evaluate(config, workdir):
   stats = data_lib.compute_stats(ds.train_images)
   config = resolve_config(config, ds, stats, mesh.devices.size)
   # The batch may have been clamped to the data: the chunks must still divide it.
-  num_chunks_of(_train_option(config, "chunk_size", 0), config.batch_size, mesh.devices.size)
+  configlib.num_chunks(_train_option(config, "chunk_size", 0), config.batch_size,
+                       mesh.devices.size)
   run_info = workdir_lib.run_record(config, ds, stats)
   workdir_lib.check_or_write_config(workdir, config, run_info, write=main)
 

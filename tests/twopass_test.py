@@ -221,5 +221,5 @@ def test_chunk_size_that_divides_validates():
   for chunk in (0, 1, 2, 4, 8):
     c.train.chunk_size = chunk
     configlib.validate(c, num_devices=8)
-  assert trainer.num_chunks_of(1, 32, 8) == 4
-  assert trainer.num_chunks_of(4, 32, 8) == 1 and trainer.num_chunks_of(0, 32, 8) == 1
+  assert configlib.num_chunks(1, 32, 8) == 4
+  assert configlib.num_chunks(4, 32, 8) == 1 and configlib.num_chunks(0, 32, 8) == 1
