@@ -387,7 +387,7 @@ def evaluate_embedding(model, variables, ds, mesh, config):
 def evaluate_and_log(model, state, ds, mesh, config, writer, main, announce=False):
   """Evaluates the current state and logs it: eval/ scalars, and a 2-D map as an image summary.
 
-  Returns the metrics dict of :func:`evaluate_embedding`.
+  Returns what :func:`evaluate_embedding` returns: (metrics, train, test).
   """
   step = int(state["step"])
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
@@ -403,7 +403,7 @@ def evaluate_and_log(model, state, ds, mesh, config, writer, main, announce=Fals
       writer.write_images(step, {"eval/map": plots.read_png(path)[None]})
   if main and announce:
     print(f"evaluation at step {step}: " + _format_metrics(metrics), flush=True)
-  return metrics
+  return metrics, train, test
 
 
 def _paper_metrics(train, test, ds, config):
@@ -519,6 +519,7 @@ def train_and_evaluate(config, workdir):
   stage_metrics = workdir_lib.read_stage_metrics(workdir)
 
   # ---- the stage loop
+  last_evaluation = None
   for s in stages[stage.index:]:
     if s.index > stage.index:
       model, state, tx = _enter_stage(config, s, model, state, ds, mesh, spe, root_key)
@@ -540,7 +541,9 @@ def train_and_evaluate(config, workdir):
     step = int(state["step"])
     if str(s.index) in stage_metrics and step == s.last_step and latest == step:
       continue  # evaluated before the interruption
-    metrics = evaluate_and_log(model, state, ds, mesh, config, writer, main)
+    metrics, train_out, test_out = evaluate_and_log(model, state, ds, mesh, config, writer, main)
+    if s is stages[-1]:
+      last_evaluation = dict(metrics), train_out, test_out  # the final state: not embedded twice
     stage_metrics[str(s.index)] = metrics
     if main:
       workdir_lib.write_stage_metrics(workdir, stage_metrics)
@@ -548,8 +551,10 @@ def train_and_evaluate(config, workdir):
   manager.wait_until_finished()
 
   # ---- final evaluation and outputs
-  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  metrics, train_out, test_out = evaluate_embedding(model, variables, ds, mesh, config)
+  if last_evaluation is None:  # the last stage was evaluated before an interruption
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    last_evaluation = evaluate_embedding(model, variables, ds, mesh, config)
+  metrics, train_out, test_out = last_evaluation
   metrics["stages"] = [stage_metrics[str(s.index)] for s in stages if str(s.index) in stage_metrics]
   metrics["steps"] = int(state["step"])
   metrics["train_seconds_this_invocation"] = round(time.time() - t_start, 1)
