@@ -662,6 +662,15 @@ def augment_batch(key, images, aug_config):
   Returns:
     (B, H, W, C) float32 in [0, 1].
   """
+  return augment_with_keys(jax.random.split(key, images.shape[0]), images, aug_config)
+
+
+def augment_with_keys(keys, images, aug_config):
+  """:func:`augment_batch` with the per-image keys given: ``keys[i]`` draws image i's view.
+
+  The same keys give the same views whichever subset of the batch is
+  augmented at once (the two-pass step re-creates views chunk by chunk).
+  """
   cfg = resolve(aug_config)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(
@@ -672,7 +681,6 @@ def augment_batch(key, images, aug_config):
         f"aug.rot90_p > 0 needs square images, got {images.shape[1]}x"
         f"{images.shape[2]}; resize them (data.image_size) or set rot90_p=0")
   x = _to_float(jnp.asarray(images))
-  keys = jax.random.split(key, x.shape[0])
   return jax.vmap(lambda k, im: augment_image(k, im, cfg))(keys, x)
 
 

@@ -171,13 +171,13 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
 
       (loss, new_stats), train_grads = jax.value_and_grad(loss_of, has_aux=True)(train_leaves)
     else:
-      jax.eval_shape(lambda: augment.augment_batch(k1, images[:1], aug))  # checks the shapes
       # The per-image keys of augment_batch, so each view is the one-pass view.
       inputs = (images, jax.random.split(k1, b), jax.random.split(k2, b))
 
       def embed(train_leaves, chunk, index):
         imgs, keys1, keys2 = chunk
-        x = jnp.concatenate([_views(keys1, imgs, aug), _views(keys2, imgs, aug)])
+        x = jnp.concatenate([augment.augment_with_keys(keys1, imgs, aug),
+                             augment.augment_with_keys(keys2, imgs, aug)])
         z, stats = apply(train_leaves, x, jax.random.fold_in(jax.random.fold_in(key, 2), index))
         m = imgs.shape[0]
         return (z[:m], z[m:]), stats
@@ -192,14 +192,6 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
     return loss, grads, new_stats
 
   return fn
-
-
-def _views(keys, images, aug):
-  """augment.augment_batch with the per-image keys given (uint8 or [0, 1] float images)."""
-  x = images.astype(jnp.float32)
-  if images.dtype == jnp.uint8:
-    x = x / 255.0
-  return jax.vmap(lambda k, im: augment.augment_image(k, im, aug))(keys, x)
 
 
 def make_train_step(model, tx, loss_fn, aug_config, batch_size, mesh, trainable="all",
