@@ -12,7 +12,9 @@ the reference points are replicated. See docs/evaluate.md for the
 algorithms.
 """
 
+import concurrent.futures
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +146,20 @@ def _query_chunks(q, chunk, mesh):
       pad = np.zeros((chunk - block.shape[0],) + q.shape[1:], q.dtype)
       block = np.concatenate([block, pad])
     yield start, jax.device_put(block, sharding)
+
+
+def _concurrent_calls(mesh):
+  """How many calls of a kernel to run at once, from as many host threads.
+
+  XLA:CPU runs the TopK custom call that dominates the leaf search on one
+  thread, and a program's independent ops one after another, but separate
+  executions run in parallel: on a single CPU device two concurrent calls
+  over halves of the queries took 5.1 ms where one call took 9.5 ms (2
+  cores). Elsewhere the devices already split the work.
+  """
+  if mesh.size > 1 or jax.process_count() > 1 or mesh.devices.flat[0].platform != "cpu":
+    return 1
+  return max(1, min(os.cpu_count() or 1, 4))
 
 
 def _fetch(x):
@@ -289,6 +305,10 @@ def _leaf_knn(q, q_index, q_lo, q_hi, ref, ref_index, ref_lo, ref_hi, k, k_out,
     nn = jnp.where(jnp.isinf(neg_d2), -1, nn)
     # A small relative margin absorbs float32 rounding of both sides.
     ok = -neg_d2[..., k - 1] < bound * (1.0 - 1e-5)
+    if k_out > k:
+      # The k nearest are a certain set when the next candidate is clearly
+      # farther; their order does not matter to the callers (votes, overlap).
+      ok = ok & (-neg_d2[..., k] > -neg_d2[..., k - 1] * (1.0 + 1e-5))
     return nn, ok
 
   return jax.lax.map(one, (q, q_index, q_lo, q_hi))
@@ -640,10 +660,12 @@ def _nearest(queries, ref, k, query_index, chunk_size):
   """(m, k) indices of the k nearest rows of `ref` to each query, nearest first.
 
   Candidates are found in float32 on the devices: low-dimensional points by
-  the leaf search, with brute force for the queries it cannot certify,
-  others by brute force alone. A few more candidates than k are kept and
-  re-ranked by float64 distances on the host, as scikit-learn computes them,
-  so that float32 rounding does not reorder near-equal neighbours.
+  the leaf search, which certifies the set of the k nearest (k + 1
+  candidates suffice), with float64 host or float32 brute force for the
+  queries it cannot certify; others by brute force alone, keeping a few more
+  candidates than k. The candidates are re-ranked by float64 distances on
+  the host, as scikit-learn computes them, so that float32 rounding does not
+  reorder near-equal neighbours.
   If `query_index` is given, query i is ref[query_index[i]] and excluded.
   """
   n_ref, d = ref.shape
@@ -658,24 +680,30 @@ def _nearest(queries, ref, k, query_index, chunk_size):
     else:
       cand = _brute_nearest(queries, query_index, ref, k_out, chunk_size)
   else:
+    # The leaf search certifies the set of the k nearest (see _leaf_knn), so
+    # one more candidate suffices; selecting fewer is most of its cost.
+    k_leaf = min(available, k + 1)
     ref_leaves = _pad_leaves(_leaves(ref, _LEAF_SIZE))
-    cand, ok = _leaf_nearest(queries, query_index, ref_leaves, k, k_out)
+    cand, ok = _leaf_nearest(queries, query_index, ref_leaves, k, k_leaf)
     redo = np.flatnonzero(~ok)
     if redo.size and redo.size * n_ref <= _HOST_MAX_PAIRS:
       # A few uncertified queries (typical below 10^5 points) cost less on
       # the host than a second kernel, which would also compile on first use.
+      # Its float64 distances are scikit-learn's: the k nearest are exact.
       cand[redo] = _host_nearest(
-          queries[redo], None if query_index is None else query_index[redo], ref, k_out)
+          queries[redo], None if query_index is None else query_index[redo], ref, k_leaf)
       redo = redo[:0]
     if redo.size:
       # A second, wider search with a pool per query certifies most of the
       # rest (outliers, cluster edges) far more cheaply than brute force.
       sub = None if query_index is None else query_index[redo]
-      cand_r, ok_r = _leaf_nearest(queries[redo], sub, ref_leaves, k, k_out, query_leaf=1,
+      cand_r, ok_r = _leaf_nearest(queries[redo], sub, ref_leaves, k, k_leaf, query_leaf=1,
                                    candidates=4 * _LEAF_CANDIDATES)
       cand[redo[ok_r]] = cand_r[ok_r]
       redo = redo[~ok_r]
     if redo.size:
+      # Brute force in float32 needs the wider margin of candidates.
+      cand = np.concatenate([cand, np.full((cand.shape[0], k_out - k_leaf), -1, cand.dtype)], 1)
       cand[redo] = _brute_nearest(
           queries[redo], None if query_index is None else query_index[redo], ref,
           k_out, chunk_size)
@@ -827,10 +855,12 @@ def _leaf_nearest(queries, query_index, ref_leaves, k, k_out,
   # with other numbers of points mostly reuse compiled code.
   n_qleaves = q_pts.shape[0]
   per_device = _LEAF_GROUP * _QUERY_LEAF_SIZE // query_leaf
-  group = min(per_device, -(-_bucket(n_qleaves) // mesh.size)) * mesh.size
+  parts = _concurrent_calls(mesh)
+  group = min(per_device, -(-_bucket(n_qleaves) // (mesh.size * parts))) * mesh.size
   n_chunks = -(-n_qleaves // group)
   if query_leaf == 1:  # Retries come in varying numbers: few shapes to compile.
     n_chunks = 2**int(np.ceil(np.log2(n_chunks)))
+  n_chunks = -(-n_chunks // parts) * parts
   pad = n_chunks * group - n_qleaves
 
   def chunked(a, fill):
@@ -846,13 +876,25 @@ def _leaf_nearest(queries, query_index, ref_leaves, k, k_out,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # One transfer call for all operands: at 10^4 points the per-call overhead
   # of separate transfers was a fifth of the run time.
+  query_side = [chunked(q_pts, 0), chunked(q_idx, -1), chunked(q_lo, 0), chunked(q_hi, 0)]
+  step = n_chunks // parts
   operands = jax.device_put(
-      [chunked(q_pts, 0), chunked(q_idx, -1), chunked(q_lo, 0), chunked(q_hi, 0),
-       np.ascontiguousarray(np.moveaxis(ref_pts, 2, 1)), ref_idx, ref_lo, ref_hi],
-      [by_chunk] * 4 + [replicated] * 4)
-  nn, ok = _fetch(_leaf_knn(
-      *operands, k=k, k_out=k_out, n_pool=n_pool, n_search=n_search,
-      exclude_self=query_index is not None))
+      [a[i * step:(i + 1) * step] for i in range(parts) for a in query_side] +
+      [np.ascontiguousarray(np.moveaxis(ref_pts, 2, 1)), ref_idx, ref_lo, ref_hi],
+      [by_chunk] * (4 * parts) + [replicated] * 4)
+
+  def run(i):
+    return _fetch(_leaf_knn(
+        *operands[4 * i:4 * i + 4], *operands[-4:], k=k, k_out=k_out, n_pool=n_pool,
+        n_search=n_search, exclude_self=query_index is not None))
+
+  if parts == 1:
+    results = [run(0)]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(parts) as pool:
+      results = list(pool.map(run, range(parts)))
+  nn = np.concatenate([r[0] for r in results])
+  ok = np.concatenate([r[1] for r in results])
   nn = nn.reshape(-1, q_pts.shape[1], k_out)[:n_qleaves]
   ok = ok.reshape(-1, q_pts.shape[1])[:n_qleaves]
   valid = q_pos >= 0

@@ -1,5 +1,7 @@
 """Tests of jaxembed.evaluate against scikit-learn and NumPy."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -155,6 +157,37 @@ def test_knn_host_fallback_matches_sklearn(monkeypatch):
       x, return_distance=False)[:, 1:]
   np.testing.assert_array_equal(np.sort(got, 1), np.sort(want, 1))
   assert calls and calls[0] > 50
+
+
+def test_leaf_search_with_distance_ties_finds_the_nearest_distances():
+  # Every point three times: the k-th and (k+1)-th distances tie, which the
+  # leaf search cannot certify from one extra candidate; the fallback must
+  # still return k points at the k smallest distances (float64).
+  base, _ = _blobs(1000, 2, 4, seed=9)
+  x = np.concatenate([base, base, base])
+  queries = _blobs(300, 2, 4, seed=10)[0]
+  k = 10
+  got = evaluate._nearest(queries, x, k, None, None)
+  d2 = ((queries[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
+  want = np.sort(d2, axis=1)[:, :k]
+  np.testing.assert_array_equal(np.sort(np.take_along_axis(d2, got, 1), axis=1), want)
+
+
+def test_leaf_search_concurrent_calls_match_sklearn(monkeypatch):
+  # On a single CPU device the query chunks are split over concurrent calls
+  # from host threads (the tests have 8 devices, which split them instead).
+  one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                      devices=jax.devices()[:1])
+  monkeypatch.setattr(evaluate, "_mesh", lambda: one)
+  calls = []
+  real = evaluate._concurrent_calls
+  monkeypatch.setattr(evaluate, "_concurrent_calls",
+                      lambda mesh: calls.append(real(mesh)) or 3)
+  x, y = _blobs(5001, 2, 6, seed=12)
+  got = evaluate.knn_predict(x[:4000], y[:4000], x[4000:], k=15)
+  want = neighbors.KNeighborsClassifier(15).fit(x[:4000], y[:4000]).predict(x[4000:])
+  np.testing.assert_array_equal(got, want)
+  assert calls and calls[0] == min(os.cpu_count(), 4)
 
 
 def test_knn_test_label_unseen_in_train_counts_as_error():
