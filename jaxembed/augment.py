@@ -92,6 +92,10 @@ FILLS = ("constant", "border_mean", "reflect")
 _N_UNIFORMS = 42
 # Largest side for which an axis-aligned warp uses matrix products.
 _SEPARABLE_MAX = 64
+# On CPUs a batch is augmented in steps of about this many pixels per image
+# stack (see _map_images): 2^16 float32 RGB pixels, 768 KiB, stay in cache
+# across the ops of a view.
+_CPU_STEP_PIXELS = 2**16
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -476,12 +480,40 @@ def hsv_to_rgb(hsv):
                    -1)
 
 
+def _hue_rotated_planes(r, g, b, shift):
+  """R, G, B planes with the hue turned by ``shift`` turns.
+
+  The same map as ``hsv_to_rgb(rgb_to_hsv(.) + (shift, 0, 0))``, written
+  without a division: a hue rotation keeps each pixel's largest channel and
+  its spread delta = max - min, and the closed form of
+  :func:`_hsv_to_rgb_planes` scaled by delta needs only the hue's numerator.
+  In units of delta, channel n's sector position k = n + 6 h lies in
+  [-3, 13), so "mod 6" is a few compares. About 3x faster on CPUs than the
+  round trip, which divides twice per pixel.
+  """
+  maxc = jnp.maximum(jnp.maximum(r, g), b)
+  delta = maxc - jnp.minimum(jnp.minimum(r, g), b)
+  # 6 h delta, as in _rgb_to_hsv_planes (colorsys' order of ties: r, g, b).
+  num = jnp.where(maxc == r, g - b,
+                  jnp.where(maxc == g, 2.0 * delta + b - r, 4.0 * delta + r - g))
+  shift = shift - jnp.round(shift)  # the same turn, in [-0.5, 0.5]
+  base = num + (6.0 * shift) * delta
+  turn = 6.0 * delta
+
+  def channel(n):
+    k = base + n * delta
+    k = (k - turn * (k >= turn) - turn * (k >= 2.0 * turn) + turn * (k < 0.0))
+    return maxc - jnp.clip(jnp.minimum(k, 4.0 * delta - k), 0.0, delta)
+
+  return channel(5.0), channel(3.0), channel(1.0)
+
+
 def adjust_hue(image, shift):
   """Rotates the hue by ``shift`` turns in HSV space (torchvision adjust_hue)."""
   if image.shape[-1] == 1:
     return image
-  h, s, v = _rgb_to_hsv_planes(image[..., 0], image[..., 1], image[..., 2])
-  return jnp.stack(_hsv_to_rgb_planes(_frac(h + shift), s, v), -1)
+  return jnp.stack(_hue_rotated_planes(image[..., 0], image[..., 1], image[..., 2],
+                                       shift), -1)
 
 
 def color_jitter(u, image, cfg):
@@ -680,8 +712,29 @@ def augment_with_keys(keys, images, aug_config):
     raise ValueError(
         f"aug.rot90_p > 0 needs square images, got {images.shape[1]}x"
         f"{images.shape[2]}; resize them (data.image_size) or set rot90_p=0")
-  x = _to_float(jnp.asarray(images))
-  return jax.vmap(lambda k, im: augment_image(k, im, cfg))(keys, x)
+  images = jnp.asarray(images)
+  _to_float(images[:0])  # checks the dtype
+  return _map_images(lambda k, im: augment_image(k, _to_float(im), cfg), keys, images)
+
+
+def _map_images(fn, keys, x):
+  """``jax.vmap(fn)(keys, x)``, on a single CPU device in cache-sized steps.
+
+  On accelerators the whole batch is one vmapped program. XLA:CPU instead
+  runs each op of the vmapped pipeline over the whole batch before the next
+  one, so every op streams the batch through memory (600 KiB per 224-px
+  view); a scan over consecutive steps of about ``_CPU_STEP_PIXELS`` pixels
+  keeps a step's views in cache (measured 1.6x faster at 28-32 px and
+  1.6-2.1x at 64-224 px, 2 cores, tsimcne preset). With several devices the
+  batch is sharded on the axis the scan would walk, so they keep the vmap.
+  Values are those of the vmap up to float rounding of the compiled code.
+  """
+  batch, height, width = x.shape[:3]
+  per_step = 2**max(0, int(math.log2(max(1, _CPU_STEP_PIXELS // (height * width)))))
+  per_step = math.gcd(per_step, batch)  # a power of two dividing the batch
+  if jax.default_backend() != "cpu" or jax.device_count() > 1 or per_step >= batch:
+    return jax.vmap(fn)(keys, x)
+  return jax.lax.map(lambda a: fn(*a), (keys, x), batch_size=per_step)
 
 
 def border_mean(images) -> tuple:

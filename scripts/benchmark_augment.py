@@ -22,7 +22,7 @@ of issue #5: JAX at least 3x the reference's DataLoader). Prints a table
 and writes scripts/results/benchmark_augment.json.
 
   python scripts/benchmark_augment.py [--sizes 28,32,64,224] [--batch 1024] \
-      [--torch_python /work/torchvenv/bin/python]
+      [--torch_python /work/torchvenv/bin/python] [--devices 2]
 
 An explicit --torch_python without torch and torchvision exits with status 2.
 """
@@ -147,7 +147,10 @@ def time_jax(images, preset, reps):
     k1, k2 = jax.random.split(key)
     return augment.augment_batch(k1, x, cfg), augment.augment_batch(k2, x, cfg)
 
-  x = jax.device_put(images)
+  # With several devices the batch is sharded over them (the trainer's layout).
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.device_put(images, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
   key = jax.random.key(0)
   t0 = time.perf_counter()
   jax.block_until_ready(two_views(key, x))
@@ -173,8 +176,15 @@ def main():
                            "reference's pipeline (default: this one if it has them)")
   parser.add_argument("--torch_workers", type=int, default=os.cpu_count(),
                       help="DataLoader workers of the reference's loader (default: one per core)")
+  parser.add_argument("--devices", type=int, default=0,
+                      help="if > 0, the number of XLA CPU devices to create (e.g. one per "
+                           "core, as the loader has one worker per core); the batch is "
+                           "sharded over them")
   parser.add_argument("--out", default=str(RESULTS / "benchmark_augment.json"))
   args = parser.parse_args()
+  if args.devices > 0:  # Before JAX is imported.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}")
   # The torch side is checked first, so a wrong interpreter fails in seconds.
   tv_python, tv_info = torch_side.resolve(args.torch_python, ["torch", "torchvision"])
   tv_note = (f"torch {tv_info['torch']}, torchvision {tv_info['torchvision']} ({tv_python})"

@@ -464,6 +464,29 @@ def test_sharded_over_eight_devices_matches_single_device(medical_fn):
   np.testing.assert_allclose(np.asarray(got), ref, atol=1e-6)
 
 
+def test_cpu_steps_equal_vmap(monkeypatch):
+  # On one CPU device a batch goes through lax.map in steps of about
+  # _CPU_STEP_PIXELS pixels (the tests have 8 devices, which keep the vmap):
+  # force 3 steps of 4 images and compare with the vmapped batch.
+  cfg = augment.resolve({"preset": "medical", "fill_value": (0.2, 0.4, 0.6)})
+  x = _images(n=12, seed=11)
+  key = jax.random.key(3)
+  vmapped = np.asarray(jax.jit(lambda k, x: augment.augment_batch(k, x, cfg))(key, x))
+  monkeypatch.setattr(augment, "_CPU_STEP_PIXELS", 4 * x.shape[1] * x.shape[2])
+  monkeypatch.setattr(augment.jax, "device_count", lambda: 1)
+  traced = []
+  real_map = jax.lax.map
+
+  def spy_map(f, xs, **kw):
+    traced.append(kw.get("batch_size"))
+    return real_map(f, xs, **kw)
+
+  monkeypatch.setattr(augment.jax.lax, "map", spy_map)
+  stepped = np.asarray(jax.jit(lambda k, x: augment.augment_batch(k, x, cfg))(key, x))
+  assert traced == [4]
+  np.testing.assert_allclose(stepped, vmapped, atol=1e-6)
+
+
 # ------------------------------------------------------------------ stats
 
 
