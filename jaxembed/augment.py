@@ -712,9 +712,9 @@ def augment_with_keys(keys, images, aug_config):
     raise ValueError(
         f"aug.rot90_p > 0 needs square images, got {images.shape[1]}x"
         f"{images.shape[2]}; resize them (data.image_size) or set rot90_p=0")
-  images = jnp.asarray(images)
-  _to_float(images[:0])  # checks the dtype
-  return _map_images(lambda k, im: augment_image(k, _to_float(im), cfg), keys, images)
+  # Converted per image, inside the steps: no float copy of the whole batch.
+  return _map_images(lambda k, im: augment_image(k, _to_float(im), cfg), keys,
+                     jnp.asarray(images))
 
 
 def _map_images(fn, keys, x):

@@ -42,6 +42,7 @@ import time
 import numpy as np
 from PIL import Image, ImageEnhance
 
+import results_io
 import torch_side
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -183,8 +184,7 @@ def main():
   parser.add_argument("--out", default=str(RESULTS / "benchmark_augment.json"))
   args = parser.parse_args()
   if args.devices > 0:  # Before JAX is imported.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}")
+    results_io.request_cpu_devices(args.devices)
   # The torch side is checked first, so a wrong interpreter fails in seconds.
   tv_python, tv_info = torch_side.resolve(args.torch_python, ["torch", "torchvision"])
   tv_note = (f"torch {tv_info['torch']}, torchvision {tv_info['torchvision']} ({tv_python})"

@@ -31,6 +31,8 @@ import sys
 import threading
 import time
 
+import results_io
+
 
 def _parse():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -51,8 +53,7 @@ def _parse():
 
 ARGS = _parse()
 if ARGS.devices > 0:  # Must happen before jax is imported.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={ARGS.devices}")
+  results_io.request_cpu_devices(ARGS.devices)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

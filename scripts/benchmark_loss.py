@@ -45,8 +45,7 @@ def parse_args():
 def main():
   args = parse_args()
   # Must precede the first jax import; only the host (CPU) platform reads it.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={args.cpu_devices}")
+  results_io.request_cpu_devices(args.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

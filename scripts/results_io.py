@@ -1,4 +1,5 @@
-"""What the scripts here share: writing JSON results (scripts/results/*.json), worker processes."""
+"""What the scripts here share: writing JSON results (scripts/results/*.json), worker processes,
+fake CPU devices."""
 
 import json
 import os
@@ -6,6 +7,12 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def request_cpu_devices(n):
+  """Asks XLA for ``n`` host (CPU) devices; must run before jax is first imported."""
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={n}")
 
 
 def write_json(path, result, indent=1, verbose=True):
