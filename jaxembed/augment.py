@@ -1,8 +1,11 @@
 """On-device image augmentation for contrastive training: pure, jit-able, vmapped.
 
 Every op is a pure function of (key, image). :func:`augment_batch` splits one
-key per image and vmaps :func:`augment_image` over the batch, so no Python runs
-per image and every random parameter of an image comes from that image's key.
+key per image, draws every random parameter of each view from its own key
+(:func:`sample_view`, vmapped) and applies them (:func:`apply_view`): vmapped
+over the batch, or on a single CPU device for images of 64x64 pixels and more
+scanned one at a time with real branches (see :func:`_map_views`). No Python
+runs per image. :func:`augment_views` makes several views of a batch at once.
 
 Pipeline of one view (the order of the reference's torchvision transforms):
 
@@ -90,12 +93,9 @@ FIELDS = tuple(_TSIMCNE)
 FILLS = ("constant", "border_mean", "reflect")
 # Uniform draws per view: 29 geometry, 9 jitter, grayscale, blur (2), solarise.
 _N_UNIFORMS = 42
-# Largest side for which an axis-aligned warp uses matrix products.
-_SEPARABLE_MAX = 64
-# On CPUs a batch is augmented in steps of about this many pixels per image
-# stack (see _map_images): 2^16 float32 RGB pixels, 768 KiB, stay in cache
-# across the ops of a view.
-_CPU_STEP_PIXELS = 2**16
+# On a single CPU device, images of at least this many pixels are augmented
+# one at a time, where their random ops can branch (see _map_views).
+_CPU_BRANCH_PIXELS = 2**12
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -350,46 +350,66 @@ def _reflect_coord(x, n):
   return jnp.clip(y, 0.0, n - 1.0)
 
 
+def _axis_taps(scale, offset, lo, hi, n):
+  """Bilinear taps along one axis of an axis-aligned warp: (i0, i1, frac)."""
+  s = jnp.clip(scale * jnp.arange(n, dtype=jnp.float32) + offset, lo, hi)
+  i0 = jnp.floor(s)
+  frac = s - i0
+  i0 = i0.astype(jnp.int32)
+  # s <= hi <= n - 1, so i1 is clamped only where frac is 0.
+  return i0, jnp.minimum(i0 + 1, n - 1), frac[:, None, None]
+
+
+def _warp_axis_aligned(image, inner, lo, hi):
+  """Crop and flips: resampled one axis at a time by gathering whole rows.
+
+  The source coordinates of output pixel (y, x) are (ys[y], xs[x]), all inside
+  the image, so bilinear sampling is a blend of two gathered columns followed
+  by a blend of two gathered rows. Each gather copies a contiguous row of the
+  (transposed) image instead of one pixel per tap: 2-3x faster on CPUs than
+  the four-tap pixel gather, and faster than matrix products at every size.
+  A uint8 image is gathered as bytes and converted after the first pass.
+  """
+  height, width, _ = image.shape
+  x0, x1, fx = _axis_taps(inner[0, 0], inner[0, 2], lo[0], hi[0], width)
+  y0, y1, fy = _axis_taps(inner[1, 1], inner[1, 2], lo[1], hi[1], height)
+  columns = image.transpose(1, 0, 2)  # (W, H, C): a column is one row here
+  c0, c1 = _to_float(columns[x0]), _to_float(columns[x1])
+  rows = (c0 + fx * (c1 - c0)).transpose(1, 0, 2)  # (H, W_out, C)
+  r0, r1 = rows[y0], rows[y1]
+  return r0 + fy * (r1 - r0)
+
+
 def warp(image, geom, fill="constant", fill_value=0.0, rotates=True):
   """Samples ``image`` once, bilinearly, through the geometry ``geom``.
 
   Args:
-    image: (H, W, C) float32.
+    image: (H, W, C) float32 in [0, 1] or uint8.
     geom: ``(inner, lo, hi, outer)`` from :func:`geometry`.
     fill: ``constant`` / ``border_mean`` (neighbours outside the image take
       ``fill_value``) or ``reflect`` (half-sample symmetric).
     fill_value: (C,) or scalar colour for points outside the image.
     rotates: static; False when ``outer`` is the identity. Then the warp is
-      axis-aligned, and for images up to 64 px it is done as two small matrix
-      products, cheaper than a gather (above that the O(H^2 W) products cost
-      more than the four-tap gather). Both give the same values.
+      axis-aligned (crop and flips only, no point outside the image) and is
+      resampled one axis at a time (:func:`_warp_axis_aligned`); the values
+      are the same as the general four-tap gather's.
 
   Returns:
-    (H, W, C) float32.
+    (H, W, C) float32 in [0, 1].
   """
   height, width, _ = image.shape
   inner, lo, hi, outer = geom
-  reflect = fill == "reflect"
-  if not rotates and max(height, width) <= _SEPARABLE_MAX:
-    # Crop and flips only: source coordinates are separable and inside the
-    # image, so no fill is needed.
-    xs = inner[0, 0] * jnp.arange(width, dtype=jnp.float32) + inner[0, 2]
-    ys = inner[1, 1] * jnp.arange(height, dtype=jnp.float32) + inner[1, 2]
-    xs = jnp.clip(xs, lo[0], hi[0])
-    ys = jnp.clip(ys, lo[1], hi[1])
-    # Bilinear weights as a tent: w[o, k] = max(0, 1 - |s_o - k|).
-    wy = jnp.maximum(0.0, 1.0 - jnp.abs(ys[:, None] - jnp.arange(height)))
-    wx = jnp.maximum(0.0, 1.0 - jnp.abs(xs[:, None] - jnp.arange(width)))
-    return jnp.einsum("oh,hwc,pw->opc", wy, image, wx,
-                      precision=jax.lax.Precision.HIGHEST)
+  if not rotates:
+    return _warp_axis_aligned(image, inner, lo, hi)
 
+  image = _to_float(image)
   yy, xx = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
                         jnp.arange(width, dtype=jnp.float32), indexing="ij")
   cx = jnp.clip(inner[0, 0] * xx + inner[0, 2], lo[0], hi[0])
   cy = jnp.clip(inner[1, 1] * yy + inner[1, 2], lo[1], hi[1])
   sx = outer[0, 0] * cx + outer[0, 1] * cy + outer[0, 2]
   sy = outer[1, 0] * cx + outer[1, 1] * cy + outer[1, 2]
-  if reflect:
+  if fill == "reflect":
     sx, sy = _reflect_coord(sx, width), _reflect_coord(sy, height)
   x0, y0 = jnp.floor(sx), jnp.floor(sy)
   fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
@@ -426,9 +446,22 @@ def adjust_brightness(image, factor):
   return _blend(image, 0.0, factor)
 
 
+def mean_gray(image):
+  """Mean of the grayscale image, as one matrix-vector product and a sum.
+
+  Each row of the (H, W, C) image is dotted with the luma weights repeated
+  along it; on CPUs this is several times faster than reducing the gray
+  image (XLA:CPU's reduction kernels are slow on these shapes).
+  """
+  height, width, channels = image.shape
+  weights = jnp.asarray(_GRAY_WEIGHTS if channels == 3 else (1.0,), jnp.float32)
+  rows = image.reshape(height, width * channels) @ jnp.tile(weights, width)
+  return jnp.sum(rows) / (height * width)
+
+
 def adjust_contrast(image, factor):
   # Blended with the mean of the grayscale image (torchvision).
-  return _blend(image, jnp.mean(rgb_to_gray(image)), factor)
+  return _blend(image, mean_gray(image), factor)
 
 
 def adjust_saturation(image, factor):
@@ -516,21 +549,12 @@ def adjust_hue(image, shift):
                                        shift), -1)
 
 
-def color_jitter(u, image, cfg):
-  """ColorJitter with its four ops in a random order (torchvision semantics).
+def _jitter_params(u, cfg, channels):
+  """Sampled ColorJitter parameters: (apply, factors, hue shift, perm).
 
-  Factors are uniform in [max(0, 1 - x), 1 + x] for brightness, contrast and
-  saturation, and the hue shift in [-hue, hue]. Brightness, contrast and
-  saturation are all blends (with black, the mean gray, the gray image), so
-  the three are applied through one blend whose target is chosen per slot;
-  the hue op runs once, between the blends that precede and follow it in the
-  sampled order.
-
-  Args:
-    u: (9,) independent U(0, 1) draws: apply, brightness, contrast,
-      saturation, hue, and 4 for the order.
-    image: (H, W, C) float32 in [0, 1].
-    cfg: the dict from :func:`resolve`.
+  ``factors`` are (brightness, contrast, saturation), each 1 where the op is
+  off or the jitter is not applied; ``perm[i]`` is the op (0..3, 3 = hue)
+  that comes i-th.
   """
   apply = u[0] < cfg["jitter_p"]
 
@@ -542,19 +566,62 @@ def color_jitter(u, image, cfg):
 
   factors = jnp.stack([factor(u[1], cfg["brightness"]),
                        factor(u[2], cfg["contrast"]),
-                       factor(u[3], cfg["saturation"])])
+                       # torchvision leaves the saturation of gray images.
+                       factor(u[3], cfg["saturation"] if channels == 3 else 0.0)])
+  shift = cfg["hue"] * (2.0 * u[4] - 1.0)
+  # Random order of the ops, as torch.randperm(4): the ranks of four
+  # independent uniforms are a uniform permutation.
+  return apply, factors, shift, jnp.argsort(u[5:9])
+
+
+def color_jitter(u, image, cfg, branches=False):
+  """ColorJitter with its four ops in a random order (torchvision semantics).
+
+  Factors are uniform in [max(0, 1 - x), 1 + x] for brightness, contrast and
+  saturation, and the hue shift in [-hue, hue].
+
+  Args:
+    u: (9,) independent U(0, 1) draws: apply, brightness, contrast,
+      saturation, hue, and 4 for the order.
+    image: (H, W, C) float32 in [0, 1].
+    cfg: the dict from :func:`resolve`.
+    branches: static. False (for use under vmap): every op of every slot is
+      computed and selected arithmetically, which is what vmap makes of
+      branches anyway. True (one image at a time): each of the four places
+      runs only its op, and nothing runs when the jitter is not applied.
+      Both give the same values.
+  """
+  return _apply_jitter(_jitter_params(u, cfg, image.shape[-1]), image, cfg,
+                       branches)
+
+
+def _apply_jitter(params, image, cfg, branches):
+  """:func:`color_jitter` with its parameters from :func:`_jitter_params`."""
+  apply, factors, shift, perm = params
   use_hue = cfg["hue"] > 0 and image.shape[-1] == 3
-  # Random order of the ops 0..3 (3 = hue), as torch.randperm(4): the ranks
-  # of four independent uniforms are a uniform permutation.
-  perm = jnp.argsort(u[5:9])
+  if branches:
+    ops = [lambda x: adjust_brightness(x, factors[0]),
+           lambda x: adjust_contrast(x, factors[1]),
+           lambda x: adjust_saturation(x, factors[2]),
+           (lambda x: adjust_hue(x, shift)) if use_hue else (lambda x: x)]
+
+    def in_order(x):
+      # Unrolled: a loop would copy the image into its carry at every place.
+      for i in range(4):
+        x = jax.lax.switch(perm[i], ops, x)
+      return x
+
+    return jax.lax.cond(apply, in_order, lambda x: x, image)
+
+  # Brightness, contrast and saturation are all blends (with black, the mean
+  # gray, the gray image), so the three are applied through one blend whose
+  # target is chosen per slot; the hue op runs once, between the blends that
+  # precede and follow it in the sampled order.
   hue_pos = jnp.argmax(perm == 3)
   # The three blend ops in the order they occur, and how many precede hue.
   blend_order = perm[jnp.argsort((perm == 3).astype(jnp.int32), stable=True)][:3]
-
   is_contrast = (blend_order == 1).astype(jnp.float32)
   is_saturation = (blend_order == 2).astype(jnp.float32)
-  if image.shape[-1] == 1:  # saturation is a no-op on gray images
-    factors = factors.at[2].set(1.0)
 
   def blends(img, active_slots):
     # One blend per slot; its target (black, mean gray or gray image) is
@@ -572,7 +639,6 @@ def color_jitter(u, image, cfg):
   if not use_hue:
     return blends(image, jnp.ones((3,), bool))
   image = blends(image, slots < hue_pos)
-  shift = cfg["hue"] * (2.0 * u[4] - 1.0)
   image = jnp.where(apply, adjust_hue(image, shift), image)
   return blends(image, slots >= hue_pos)
 
@@ -628,49 +694,105 @@ def _fill_colour(cfg, channels):
   return jnp.asarray(fv, jnp.float32)
 
 
-def augment_image(key, image, cfg):
-  """One augmented view of one image.
+def _maybe(pred, fn, image, branches):
+  """``fn(image)`` where ``pred``, else ``image``; a real branch if ``branches``."""
+  if branches:
+    return jax.lax.cond(pred, fn, lambda x: x, image)
+  return jnp.where(pred, fn(image), image)
+
+
+def _has_geometry(cfg):
+  return (cfg["crop_p"] > 0 or cfg["hflip_p"] > 0 or cfg["vflip_p"] > 0 or
+          _rotates(cfg))
+
+
+def _has_jitter(cfg):
+  return cfg["jitter_p"] > 0 and (cfg["brightness"] > 0 or cfg["contrast"] > 0
+                                  or cfg["saturation"] > 0 or cfg["hue"] > 0)
+
+
+def sample_view(key, shape, cfg):
+  """Every random parameter of one view of an image of ``shape`` (H, W, C).
+
+  A pytree of small arrays (vmappable over keys); :func:`apply_view` applies
+  them. Sampling the whole batch's parameters at once keeps the per-image
+  work (a scan on CPUs) to the image ops themselves.
+  """
+  height, width, channels = shape
+  # One draw of every uniform this view needs (one hash call compiles much
+  # faster than a dozen split/uniform calls; the numbers are as independent).
+  u = jax.random.uniform(key, (_N_UNIFORMS,))
+  params = {
+      "grayscale": u[38] < cfg["grayscale_p"],
+      "blur": (u[40] < cfg["blur_p"],
+               cfg["blur_sigma"][0] + (cfg["blur_sigma"][1] - cfg["blur_sigma"][0]) * u[39]),
+      "solarize": u[41] < cfg["solarize_p"],
+  }
+  if _has_geometry(cfg):
+    params["geometry"] = sample_geometry(u[0:29], height, width, cfg)
+  if _has_jitter(cfg):
+    params["jitter"] = _jitter_params(u[29:38], cfg, channels)
+  return params
+
+
+def apply_view(params, image, cfg, branches=False):
+  """Applies the parameters from :func:`sample_view` to one image.
 
   Args:
-    key: a jax PRNG key for this image.
-    image: (H, W, C) float32 in [0, 1], C = 1 or 3.
+    params: :func:`sample_view`'s result for this image.
+    image: (H, W, C) uint8 or float in [0, 1], C = 1 or 3.
     cfg: the dict returned by :func:`resolve` (static Python values).
+    branches: static. True when the image is augmented alone rather than
+      under vmap: ops that are not applied to this view are skipped by real
+      branches (``lax.cond``) instead of computed and discarded. The values
+      are the same either way.
 
   Returns:
     (H, W, C) float32 in [0, 1].
   """
   height, width, channels = image.shape
-  # One draw of every uniform this view needs (one hash call compiles much
-  # faster than a dozen split/uniform calls; the numbers are as independent).
-  u = jax.random.uniform(key, (_N_UNIFORMS,))
+  if image.dtype != jnp.uint8:  # uint8 is converted after the warp's gathers
+    image = _to_float(image)
+  if _has_geometry(cfg):
+    image = warp(image, params["geometry"], cfg["fill"],
+                 _fill_colour(cfg, channels), rotates=_rotates(cfg))
+  image = _to_float(image)
 
-  rotates = _rotates(cfg)
-  if cfg["crop_p"] > 0 or cfg["hflip_p"] > 0 or cfg["vflip_p"] > 0 or rotates:
-    geom = sample_geometry(u[0:29], height, width, cfg)
-    image = warp(image, geom, cfg["fill"], _fill_colour(cfg, channels),
-                 rotates=rotates)
-
-  if cfg["jitter_p"] > 0 and (cfg["brightness"] > 0 or cfg["contrast"] > 0 or
-                              cfg["saturation"] > 0 or cfg["hue"] > 0):
-    image = color_jitter(u[29:38], image, cfg)
+  if _has_jitter(cfg):
+    image = _apply_jitter(params["jitter"], image, cfg, branches)
 
   if cfg["grayscale_p"] > 0 and channels == 3:
-    gray = u[38] < cfg["grayscale_p"]
-    image = jnp.where(gray, jnp.broadcast_to(rgb_to_gray(image), image.shape),
-                      image)
+    image = _maybe(params["grayscale"],
+                   lambda x: jnp.broadcast_to(rgb_to_gray(x), x.shape), image,
+                   branches)
 
   if cfg["blur_p"] > 0:
-    lo, hi = cfg["blur_sigma"]
-    radius = max(1, min(int(math.ceil(3.0 * hi)), max(height, width) - 1))
-    sigma = lo + (hi - lo) * u[39]
-    blurred = gaussian_blur(image, sigma, radius)
-    image = jnp.where(u[40] < cfg["blur_p"], blurred,
-                      image)
+    radius = max(1, min(int(math.ceil(3.0 * cfg["blur_sigma"][1])),
+                        max(height, width) - 1))
+    apply, sigma = params["blur"]
+    image = _maybe(apply, lambda x: gaussian_blur(x, sigma, radius), image,
+                   branches)
 
   if cfg["solarize_p"] > 0:
-    sol = u[41] < cfg["solarize_p"]
-    image = jnp.where(sol, solarize(image, cfg["solarize_threshold"]), image)
+    image = _maybe(params["solarize"],
+                   lambda x: solarize(x, cfg["solarize_threshold"]), image,
+                   branches)
   return image
+
+
+def augment_image(key, image, cfg, branches=False):
+  """One augmented view of one image: :func:`sample_view`, then :func:`apply_view`.
+
+  Args:
+    key: a jax PRNG key for this image.
+    image: (H, W, C) uint8 or float in [0, 1], C = 1 or 3.
+    cfg: the dict returned by :func:`resolve` (static Python values).
+    branches: see :func:`apply_view`.
+
+  Returns:
+    (H, W, C) float32 in [0, 1].
+  """
+  return apply_view(sample_view(key, image.shape, cfg), image, cfg, branches)
 
 
 def _to_float(images):
@@ -703,38 +825,76 @@ def augment_with_keys(keys, images, aug_config):
   The same keys give the same views whichever subset of the batch is
   augmented at once (the two-pass step re-creates views chunk by chunk).
   """
+  return augment_views(keys[None], images, aug_config)
+
+
+def augment_views(keys, images, aug_config):
+  """Several views of every image of a batch, in one program.
+
+  Args:
+    keys: (V, B) jax PRNG keys; ``keys[v, i]`` draws view v of image i.
+      ``augment_batch(k, images)`` is view ``jax.random.split(k, B)``.
+    images: (B, H, W, C) uint8 (C = 1 or 3) or float in [0, 1].
+    aug_config: as for :func:`augment_batch`.
+
+  Returns:
+    (V * B, H, W, C) float32 in [0, 1]: the B first views, then the B
+    second views, and so on (the layout of the contrastive step). Equal to
+    concatenating :func:`augment_with_keys` of each ``keys[v]``, without
+    the copy the concatenation costs.
+  """
   cfg = resolve(aug_config)
+  images = jnp.asarray(images)
+  if not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    keys = jax.random.wrap_key_data(keys)  # raw uint32 keys (jax.random.PRNGKey)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(
         f"images must be (batch, height, width, channels) with 1 or 3 "
         f"channels, got shape {tuple(images.shape)}")
+  if keys.ndim != 2 or keys.shape[1] != images.shape[0]:
+    raise ValueError(
+        f"keys must be (views, batch) = (V, {images.shape[0]}) PRNG keys for "
+        f"{images.shape[0]} images, got shape {tuple(keys.shape)}")
   if cfg["rot90_p"] > 0 and images.shape[1] != images.shape[2]:
     raise ValueError(
         f"aug.rot90_p > 0 needs square images, got {images.shape[1]}x"
         f"{images.shape[2]}; resize them (data.image_size) or set rot90_p=0")
-  # Converted per image, inside the steps: no float copy of the whole batch.
-  return _map_images(lambda k, im: augment_image(k, _to_float(im), cfg), keys,
-                     jnp.asarray(images))
+  return _map_views(keys, images, cfg)
 
 
-def _map_images(fn, keys, x):
-  """``jax.vmap(fn)(keys, x)``, on a single CPU device in cache-sized steps.
+def _map_views(keys, x, cfg):
+  """:func:`augment_views` once the inputs are checked.
 
-  On accelerators the whole batch is one vmapped program. XLA:CPU instead
-  runs each op of the vmapped pipeline over the whole batch before the next
-  one, so every op streams the batch through memory (600 KiB per 224-px
-  view); a scan over consecutive steps of about ``_CPU_STEP_PIXELS`` pixels
-  keeps a step's views in cache (whole tsimcne pipeline, 2 cores: 1.6x
-  faster at 32 px, 1.9x at 64 px, 1.5x at 224 px). With several devices the
-  batch is sharded on the axis the scan would walk, so they keep the vmap.
-  Values are those of the vmap up to float rounding of the compiled code.
+  The parameters of all views are sampled at once (vmapped, small), then
+  applied to the images, vmapped over the batch: on accelerators and for
+  small images that is fastest. On a single CPU device, images of at least
+  ``_CPU_BRANCH_PIXELS`` (64x64) pixels are instead scanned one at a time,
+  unbatched, so that their random ops branch (:func:`apply_view`): the
+  jitter's four places run one op each instead of all four, and an op not
+  applied costs nothing. XLA:CPU also runs each op of a vmapped batch over
+  the whole batch before the next, streaming it through memory, where one
+  224-px view (600 KiB) stays in cache across its ops. The scan walks all
+  views into one output and reads the images from the uint8 batch in place.
+  Two views, 2 cores, against the vmap: 1.5x faster at 64 px, 2.4x at
+  224 px (docs/augment.md). With several devices the batch is sharded on
+  the axis the scan would walk, so they keep the vmap. Values are those of
+  the vmap up to float rounding of the compiled code.
   """
-  batch, height, width = x.shape[:3]
-  per_step = 2**max(0, int(math.log2(max(1, _CPU_STEP_PIXELS // (height * width)))))
-  per_step = math.gcd(per_step, batch)  # a power of two dividing the batch
-  if jax.default_backend() != "cpu" or jax.device_count() > 1 or per_step >= batch:
-    return jax.vmap(fn)(keys, x)
-  return jax.lax.map(lambda a: fn(*a), (keys, x), batch_size=per_step)
+  views, batch = keys.shape
+  height, width = x.shape[1:3]
+  params = jax.vmap(lambda k: sample_view(k, x.shape[1:], cfg))(keys.reshape(-1))
+  if (jax.default_backend() != "cpu" or jax.device_count() > 1 or
+      height * width < _CPU_BRANCH_PIXELS):
+    apply = jax.vmap(lambda p, im: apply_view(p, im, cfg))
+    out = [apply(jax.tree.map(lambda t: t[v * batch:(v + 1) * batch], params), x)
+           for v in range(views)]
+    return out[0] if views == 1 else jnp.concatenate(out)
+
+  def one(i):
+    p = jax.tree.map(lambda t: t[i], params)
+    return apply_view(p, x[i % batch], cfg, branches=True)
+
+  return jax.lax.map(one, jnp.arange(views * batch))
 
 
 def border_mean(images) -> tuple:

@@ -162,8 +162,9 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
       return out["z"], updated.get("batch_stats", {})
 
     if num_chunks == 1:
-      x = jnp.concatenate([augment.augment_batch(k1, images, aug),
-                           augment.augment_batch(k2, images, aug)])
+      # The views of augment_batch(k1, .) and augment_batch(k2, .), one program.
+      x = augment.augment_views(
+          jnp.stack([jax.random.split(k1, b), jax.random.split(k2, b)]), images, aug)
 
       def loss_of(train_leaves):
         z, stats = apply(train_leaves, x, jax.random.fold_in(key, 2))
@@ -176,8 +177,7 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
 
       def embed(train_leaves, chunk, index):
         imgs, keys1, keys2 = chunk
-        x = jnp.concatenate([augment.augment_with_keys(keys1, imgs, aug),
-                             augment.augment_with_keys(keys2, imgs, aug)])
+        x = augment.augment_views(jnp.stack([keys1, keys2]), imgs, aug)
         z, stats = apply(train_leaves, x, jax.random.fold_in(jax.random.fold_in(key, 2), index))
         m = imgs.shape[0]
         return (z[:m], z[m:]), stats

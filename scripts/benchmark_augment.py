@@ -1,7 +1,8 @@
 """Throughput of jaxembed.augment: source images/s, two views each.
 
 For each image size (28, 32, 64, 224 px) one batch of 1024 RGB uint8 images
-is augmented twice (two views, the t-SimCNE training input) with the
+is augmented twice (two views in one array, ``augment.augment_views``, the
+t-SimCNE training input as the trainer makes it) with the
 ``tsimcne`` and ``medical`` presets on the present JAX backend, jitted, after
 a warm-up call that compiles. Beside it, in the same run and on the same
 images:
@@ -145,8 +146,9 @@ def time_jax(images, preset, reps):
 
   @jax.jit
   def two_views(key, x):
-    k1, k2 = jax.random.split(key)
-    return augment.augment_batch(k1, x, cfg), augment.augment_batch(k2, x, cfg)
+    # As the trainer's step: both views of the batch in one (2B, ...) array.
+    keys = jax.random.split(key, (2, x.shape[0]))
+    return augment.augment_views(keys, x, cfg)
 
   # With several devices the batch is sharded over them (the trainer's layout).
   mesh = jax.make_mesh((jax.device_count(),), ("data",),

@@ -177,19 +177,27 @@ def _pil_resized_crop(image, box, out_h, out_w):
   return np.stack(chans, -1)
 
 
-@pytest.mark.parametrize("rotates", [False, True])
-def test_crop_warp_matches_pil(rotates):
+@pytest.mark.parametrize("rotates,dtype", [(False, np.float32), (True, np.float32),
+                                            (False, np.uint8), (True, np.uint8)])
+def test_crop_warp_matches_pil(rotates, dtype):
+  # rotates=False takes the axis-aligned path (row gathers; uint8 converted
+  # after the first pass), True the general four-tap gather.
   height, width = 9, 11
   img = _float_image(height, width)
-  fn = jax.jit(lambda img, box: augment.warp(
-      img, augment.geometry(height, width, box=box), "constant", 0.7,
-      rotates=rotates))
-  for box in [(0, 0, 9, 11), (2, 3, 4, 5), (0, 0, 3, 3), (5, 7, 4, 4),
-              (1, 0, 8, 11), (3, 2, 1, 6)]:
-    got = fn(img, jnp.asarray(box))
-    np.testing.assert_allclose(np.asarray(got),
-                               _pil_resized_crop(img, box, height, width),
-                               atol=2e-5, err_msg=str(box))
+  if dtype == np.uint8:
+    img = np.round(img * 255).astype(np.uint8)
+  fn = jax.jit(lambda img, box, hf, vf: augment.warp(
+      img, augment.geometry(height, width, box=box, hflip=hf, vflip=vf),
+      "constant", 0.7, rotates=rotates))
+  as_float = img / 255.0 if dtype == np.uint8 else img
+  for box, hf, vf in [((0, 0, 9, 11), False, False), ((2, 3, 4, 5), True, False),
+                      ((0, 0, 3, 3), False, True), ((5, 7, 4, 4), True, True),
+                      ((1, 0, 8, 11), False, False), ((3, 2, 1, 6), True, False)]:
+    got = np.asarray(fn(img, jnp.asarray(box), hf, vf))
+    assert got.dtype == np.float32
+    expected = _pil_resized_crop(as_float, box, height, width)
+    expected = expected[::-1 if vf else 1, ::-1 if hf else 1]
+    np.testing.assert_allclose(got, expected, atol=2e-5, err_msg=str(box))
 
 
 def test_composition_matches_sequential_ops():
@@ -320,10 +328,13 @@ def test_blend_ops_match_numpy():
                                      1), atol=1e-6)
 
 
-def test_jitter_every_order_matches_sequential_numpy():
+@pytest.mark.parametrize("branches", [False, True])
+def test_jitter_every_order_matches_sequential_numpy(branches):
+  # branches=False: the vmap form (every slot computed, selected); True: the
+  # one-image form (lax.switch per place).
   cfg = augment.resolve(dict(OFF, jitter_p=1.0))  # .4, .4, .4, .1
   img = _float_image(4, 5, seed=6)
-  fn = jax.jit(lambda u, x: augment.color_jitter(u, x, cfg))
+  fn = jax.jit(lambda u, x: augment.color_jitter(u, x, cfg, branches))
   base = np.array([0.0, 0.1, 0.9, 0.3, 0.95])  # apply, b, c, s, hue
   factors = [0.6 + 0.8 * base[1], 0.6 + 0.8 * base[2], 0.6 + 0.8 * base[3],
              0.1 * (2 * base[4] - 1)]
@@ -340,7 +351,7 @@ def test_jitter_every_order_matches_sequential_numpy():
   cfg_half = augment.resolve(dict(OFF, jitter_p=0.5))
   u = np.concatenate([[0.7], base[1:], [0.1, 0.2, 0.3, 0.4]]).astype(np.float32)
   np.testing.assert_allclose(jax.jit(
-      lambda u, x: augment.color_jitter(u, x, cfg_half))(u, img), img,
+      lambda u, x: augment.color_jitter(u, x, cfg_half, branches))(u, img), img,
                              atol=1e-5)
 
 
@@ -464,27 +475,51 @@ def test_sharded_over_eight_devices_matches_single_device(medical_fn):
   np.testing.assert_allclose(np.asarray(got), ref, atol=1e-6)
 
 
-def test_cpu_steps_equal_vmap(monkeypatch):
-  # On one CPU device a batch goes through lax.map in steps of about
-  # _CPU_STEP_PIXELS pixels (the tests have 8 devices, which keep the vmap):
-  # force 3 steps of 4 images and compare with the vmapped batch.
-  cfg = augment.resolve({"preset": "medical", "fill_value": (0.2, 0.4, 0.6)})
+# Every op on, each with a probability strictly between 0 and 1, so both
+# sides of every branch occur in a batch.
+ALL_OPS = {"preset": "medical", "fill_value": (0.2, 0.4, 0.6), "jitter_p": 0.7,
+           "grayscale_p": 0.4, "blur_p": 0.5, "solarize_p": 0.5}
+
+
+@pytest.mark.parametrize("cfg", [
+    ALL_OPS,
+    {"preset": "tsimcne"},            # the axis-aligned warp
+    dict(ALL_OPS, fill="reflect")])
+def test_cpu_branches_equal_vmap(monkeypatch, cfg):
+  # On one CPU device, images of _CPU_BRANCH_PIXELS or more go through
+  # lax.map one at a time with real branches (the tests have 8 devices,
+  # which keep the vmap): force that path and compare with the vmap.
+  cfg = augment.resolve(cfg)
   x = _images(n=12, seed=11)
-  key = jax.random.key(3)
-  vmapped = np.asarray(jax.jit(lambda k, x: augment.augment_batch(k, x, cfg))(key, x))
-  monkeypatch.setattr(augment, "_CPU_STEP_PIXELS", 4 * x.shape[1] * x.shape[2])
+  keys = jax.random.split(jax.random.key(3), (2, 12))
+  views = jax.jit(lambda k, x: augment.augment_views(k, x, cfg))
+  vmapped = np.asarray(views(keys, x))
+  # Two views in one program equal two single-view calls.
+  single = jax.jit(lambda k, x: augment.augment_with_keys(k, x, cfg))
+  np.testing.assert_allclose(
+      vmapped, np.concatenate([single(keys[0], x), single(keys[1], x)]), atol=1e-6)
+
+  monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", x.shape[1] * x.shape[2])
   monkeypatch.setattr(augment.jax, "device_count", lambda: 1)
-  traced = []
+  steps = []
   real_map = jax.lax.map
 
   def spy_map(f, xs, **kw):
-    traced.append(kw.get("batch_size"))
+    steps.append(xs.shape[0])
     return real_map(f, xs, **kw)
 
   monkeypatch.setattr(augment.jax.lax, "map", spy_map)
-  stepped = np.asarray(jax.jit(lambda k, x: augment.augment_batch(k, x, cfg))(key, x))
-  assert traced == [4]
-  np.testing.assert_allclose(stepped, vmapped, atol=1e-6)
+  branched = np.asarray(jax.jit(lambda k, x: augment.augment_views(k, x, cfg))(keys, x))
+  assert steps == [24]
+  np.testing.assert_allclose(branched, vmapped, atol=1e-5)
+
+
+def test_augment_views_bad_keys():
+  x = _images(n=4)
+  with pytest.raises(ValueError, match=r"keys must be \(views, batch\)"):
+    augment.augment_views(jax.random.split(jax.random.key(0), 4), x, OFF)
+  with pytest.raises(ValueError, match=r"keys must be \(views, batch\)"):
+    augment.augment_views(jax.random.split(jax.random.key(0), (2, 3)), x, OFF)
 
 
 # ------------------------------------------------------------------ stats
