@@ -780,21 +780,6 @@ def apply_view(params, image, cfg, branches=False):
   return image
 
 
-def augment_image(key, image, cfg, branches=False):
-  """One augmented view of one image: :func:`sample_view`, then :func:`apply_view`.
-
-  Args:
-    key: a jax PRNG key for this image.
-    image: (H, W, C) uint8 or float in [0, 1], C = 1 or 3.
-    cfg: the dict returned by :func:`resolve` (static Python values).
-    branches: see :func:`apply_view`.
-
-  Returns:
-    (H, W, C) float32 in [0, 1].
-  """
-  return apply_view(sample_view(key, image.shape, cfg), image, cfg, branches)
-
-
 def _to_float(images):
   if images.dtype == jnp.uint8:
     return images.astype(jnp.float32) / 255.0
@@ -833,7 +818,8 @@ def augment_views(keys, images, aug_config):
 
   Args:
     keys: (V, B) jax PRNG keys; ``keys[v, i]`` draws view v of image i.
-      ``augment_batch(k, images)`` is view ``jax.random.split(k, B)``.
+      ``augment_batch(k, images)`` equals
+      ``augment_views(jax.random.split(k, B)[None], images)``.
     images: (B, H, W, C) uint8 (C = 1 or 3) or float in [0, 1].
     aug_config: as for :func:`augment_batch`.
 
