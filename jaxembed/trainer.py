@@ -146,6 +146,9 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
   def fn(params, batch_stats, images, key):
     k1, k2 = jax.random.split(key)
     b = images.shape[0]
+    # The per-image keys of augment_batch(k1, .) and augment_batch(k2, .): the
+    # two views of image i, however the batch is cut into chunks.
+    keys1, keys2 = jax.random.split(k1, b), jax.random.split(k2, b)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     train_mask = [is_trainable(path, trainable) for path, _ in leaves]
     train_leaves = [leaf for m, (_, leaf) in zip(train_mask, leaves) if m]
@@ -162,9 +165,7 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
       return out["z"], updated.get("batch_stats", {})
 
     if num_chunks == 1:
-      # The views of augment_batch(k1, .) and augment_batch(k2, .), one program.
-      x = augment.augment_views(
-          jnp.stack([jax.random.split(k1, b), jax.random.split(k2, b)]), images, aug)
+      x = augment.augment_views(jnp.stack([keys1, keys2]), images, aug)
 
       def loss_of(train_leaves):
         z, stats = apply(train_leaves, x, jax.random.fold_in(key, 2))
@@ -172,8 +173,7 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
 
       (loss, new_stats), train_grads = jax.value_and_grad(loss_of, has_aux=True)(train_leaves)
     else:
-      # The per-image keys of augment_batch, so each view is the one-pass view.
-      inputs = (images, jax.random.split(k1, b), jax.random.split(k2, b))
+      inputs = (images, keys1, keys2)  # each view is the one-pass view
 
       def embed(train_leaves, chunk, index):
         imgs, keys1, keys2 = chunk
