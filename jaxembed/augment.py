@@ -3,9 +3,10 @@
 Every op is a pure function of (key, image). :func:`augment_batch` splits one
 key per image, draws every random parameter of each view from its own key
 (:func:`sample_view`, vmapped) and applies them (:func:`apply_view`): vmapped
-over the batch, or on a single CPU device for images of 64x64 pixels and more
-scanned one at a time with real branches (see :func:`_map_views`). No Python
-runs per image. :func:`augment_views` makes several views of a batch at once.
+over the batch, or on CPU devices for images of 64x64 pixels and more scanned
+one at a time with real branches, each device over its own shard (see
+:func:`_map_views`). No Python runs per image. :func:`augment_views` makes
+several views of a batch at once, image-major.
 
 Pipeline of one view (the order of the reference's torchvision transforms):
 
@@ -41,6 +42,9 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxembed.parallel import DATA_AXIS
 
 # Every configuration field (configs/common.py, ``config.aug``) and its value
 # in each preset. ``tsimcne`` is the reference default (Böhm et al., ICLR 2023,
@@ -792,7 +796,7 @@ def _to_float(images):
   return images.astype(jnp.float32)
 
 
-def augment_batch(key, images, aug_config):
+def augment_batch(key, images, aug_config, mesh=None):
   """Augments a batch, one independent view per image.
 
   Args:
@@ -800,23 +804,27 @@ def augment_batch(key, images, aug_config):
     images: (B, H, W, C) uint8 (C = 1 or 3) or float in [0, 1].
     aug_config: ``config.aug``, a dict of the same fields, or :func:`resolve`'s
       result. Must be static (plain Python values), never traced.
+    mesh: optional, the mesh (jaxembed.parallel.make_mesh) whose ``data``
+      axis shards the batch; see :func:`augment_views`. The views are the
+      same with or without it.
 
   Returns:
     (B, H, W, C) float32 in [0, 1].
   """
-  return augment_with_keys(jax.random.split(key, images.shape[0]), images, aug_config)
+  return augment_with_keys(jax.random.split(key, images.shape[0]), images, aug_config,
+                           mesh)
 
 
-def augment_with_keys(keys, images, aug_config):
+def augment_with_keys(keys, images, aug_config, mesh=None):
   """:func:`augment_batch` with the per-image keys given: ``keys[i]`` draws image i's view.
 
   The same keys give the same views whichever subset of the batch is
   augmented at once (the two-pass step re-creates views chunk by chunk).
   """
-  return augment_views(keys[None], images, aug_config)
+  return augment_views(keys[None], images, aug_config, mesh)
 
 
-def augment_views(keys, images, aug_config):
+def augment_views(keys, images, aug_config, mesh=None):
   """Several views of every image of a batch, in one program.
 
   Args:
@@ -825,12 +833,17 @@ def augment_views(keys, images, aug_config):
       ``augment_views(jax.random.split(k, B)[None], images)``.
     images: (B, H, W, C) uint8 (C = 1 or 3) or float in [0, 1].
     aug_config: as for :func:`augment_batch`.
+    mesh: optional, the mesh whose ``data`` axis shards the batch (the
+      trainer's, jaxembed.parallel.make_mesh). With CPU devices it lets each
+      device scan its own shard (:func:`_map_views`); without it several
+      devices share a vmap that the compiler partitions. B must divide
+      evenly over the ``data`` axis.
 
   Returns:
-    (V * B, H, W, C) float32 in [0, 1]: the B first views, then the B
-    second views, and so on (the layout of the contrastive step). Equal to
-    concatenating :func:`augment_with_keys` of each ``keys[v]``, without
-    the copy the concatenation costs.
+    (B * V, H, W, C) float32 in [0, 1], image-major: row ``i * V + v`` is
+    view v of image i (``out.reshape(B, V, H, W, C)[:, v]`` equals
+    :func:`augment_with_keys` of ``keys[v]``). A batch sharded over the
+    mesh's ``data`` axis gives views sharded the same way.
   """
   cfg = resolve(aug_config)
   images = jnp.asarray(images)
@@ -848,42 +861,85 @@ def augment_views(keys, images, aug_config):
     raise ValueError(
         f"aug.rot90_p > 0 needs square images, got {images.shape[1]}x"
         f"{images.shape[2]}; resize them (data.image_size) or set rot90_p=0")
-  return _map_views(keys, images, cfg)
+  if mesh is not None:
+    if DATA_AXIS not in mesh.axis_names:
+      raise ValueError(
+          f"mesh must have a {DATA_AXIS!r} axis that shards the batch, got axes "
+          f"{mesh.axis_names}; build it with jaxembed.parallel.make_mesh()")
+    if images.shape[0] % mesh.shape[DATA_AXIS]:
+      raise ValueError(
+          f"a batch of {images.shape[0]} images does not split evenly over the "
+          f"{mesh.shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis; "
+          f"use a multiple of {mesh.shape[DATA_AXIS]} images")
+  return _map_views(keys, images, cfg, mesh)
 
 
-def _map_views(keys, x, cfg):
+def _scans_views(height, width, mesh):
+  """Whether :func:`_map_views` scans the views one at a time (else vmaps)."""
+  if height * width < _CPU_BRANCH_PIXELS:
+    return False
+  if mesh is None:
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+  return all(d.platform == "cpu" for d in mesh.devices.flat)
+
+
+def _scan_views(keys, x, cfg):
+  """(B * V, H, W, C) views of ``x`` (image-major), scanned one at a time with branches."""
+  views, batch = keys.shape
+  # Row j = i * V + v is view v of image i.
+  params = jax.vmap(lambda k: sample_view(k, x.shape[1:], cfg))(keys.T.reshape(-1))
+
+  def one(j):
+    p = jax.tree.map(lambda t: t[j], params)
+    return apply_view(p, x[j // views], cfg, branches=True)
+
+  return jax.lax.map(one, jnp.arange(batch * views))
+
+
+def _map_views(keys, x, cfg, mesh=None):
   """:func:`augment_views` once the inputs are checked.
 
-  The parameters of all views are sampled at once (vmapped, small), then
-  applied to the images, vmapped over the batch: on accelerators and for
-  small images that is fastest. On a single CPU device, images of at least
-  ``_CPU_BRANCH_PIXELS`` (64x64) pixels are instead scanned one at a time,
-  unbatched, so that their random ops branch (:func:`apply_view`): the
-  jitter's four places run one op each instead of all four, and an op not
-  applied costs nothing. XLA:CPU also runs each op of a vmapped batch over
-  the whole batch before the next, streaming it through memory, where one
-  224-px view (600 KiB) stays in cache across its ops. The scan walks all
-  views into one output and reads the images from the uint8 batch in place.
-  Two views, 2 cores, against the vmap: 1.5x faster at 64 px, 2.4x at
-  224 px (docs/augment.md). With several devices the batch is sharded on
-  the axis the scan would walk, so they keep the vmap. Values are those of
-  the vmap up to float rounding of the compiled code.
+  On accelerators and for small images, the parameters of all views are
+  sampled at once (vmapped, small), then applied to the images, vmapped over
+  the batch. On CPU devices, images of at least ``_CPU_BRANCH_PIXELS``
+  (64x64) pixels are instead scanned one at a time, unbatched, so that their
+  random ops branch (:func:`apply_view`): the jitter's four places run one
+  op each instead of all four, and an op not applied costs nothing. XLA:CPU
+  also runs each op of a vmapped batch over the whole batch before the next,
+  streaming it through memory, where one 224-px view (600 KiB) stays in
+  cache across its ops. The scan walks all views into one output and reads
+  the images from the uint8 batch in place. Two views, 2 cores, against the
+  vmap: 1.5x faster at 64 px, 2.4x at 224 px (docs/augment.md).
+
+  That is done on one CPU device, or on each CPU device of ``mesh`` over its
+  own shard of the batch (``jax.shard_map`` over ``data``). With one XLA CPU
+  device per core, each core then runs a scan of its own instead of sharing
+  every op of one scan with the other cores, whose threads wait on each other
+  after every op: 1.4x faster at 224 px on 2 cores (docs/augment.md).
+  Several devices without ``mesh`` keep the vmap, which the compiler
+  partitions. Values are those of the vmap up to float rounding of the
+  compiled code.
+
+  The output is image-major (all views of image 0, then of image 1, ...), so
+  that a batch sharded over ``data`` gives views sharded the same way: each
+  device's rows are the views of its own images, and nothing moves between
+  devices.
   """
   views, batch = keys.shape
   height, width = x.shape[1:3]
-  params = jax.vmap(lambda k: sample_view(k, x.shape[1:], cfg))(keys.reshape(-1))
-  if (jax.default_backend() != "cpu" or jax.device_count() > 1 or
-      height * width < _CPU_BRANCH_PIXELS):
-    apply = jax.vmap(lambda p, im: apply_view(p, im, cfg))
-    out = [apply(jax.tree.map(lambda t: t[v * batch:(v + 1) * batch], params), x)
-           for v in range(views)]
-    return out[0] if views == 1 else jnp.concatenate(out)
+  if _scans_views(height, width, mesh):
+    if mesh is None or mesh.devices.size == 1:
+      return _scan_views(keys, x, cfg)
+    return jax.shard_map(lambda k, im: _scan_views(k, im, cfg), mesh=mesh,
+                         in_specs=(P(None, DATA_AXIS), P(DATA_AXIS)),
+                         out_specs=P(DATA_AXIS))(keys, x)
 
-  def one(i):
-    p = jax.tree.map(lambda t: t[i], params)
-    return apply_view(p, x[i % batch], cfg, branches=True)
-
-  return jax.lax.map(one, jnp.arange(views * batch))
+  params = jax.vmap(lambda k: sample_view(k, x.shape[1:], cfg))(keys.T.reshape(-1))
+  params = jax.tree.map(lambda t: t.reshape(batch, views, *t.shape[1:]), params)
+  # Over the views of one image (the image shared), then over the images.
+  per_image = jax.vmap(lambda p, im: apply_view(p, im, cfg), in_axes=(0, None))
+  out = jax.vmap(per_image)(params, x)  # (B, V, H, W, C)
+  return out.reshape(batch * views, *x.shape[1:])
 
 
 def border_mean(images) -> tuple:

@@ -127,6 +127,16 @@ def is_trainable(path, trainable):
 # ------------------------------------------------------------------- train step
 
 
+def _view_pairs(z):
+  """The first and second views' outputs from augment_views' image-major rows.
+
+  Rows 2i and 2i + 1 are image i's two views; splitting the row axis keeps
+  each device's rows (the views of its own images) where they are.
+  """
+  z = z.reshape(z.shape[0] // 2, 2, *z.shape[1:])
+  return z[:, 0], z[:, 1]
+
+
 def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=1, mesh=None):
   """``fn(params, batch_stats, images, key) -> (loss, grads, batch_stats)`` for one batch.
 
@@ -165,11 +175,11 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
       return out["z"], updated.get("batch_stats", {})
 
     if num_chunks == 1:
-      x = augment.augment_views(jnp.stack([keys1, keys2]), images, aug)
+      x = augment.augment_views(jnp.stack([keys1, keys2]), images, aug, mesh)
 
       def loss_of(train_leaves):
         z, stats = apply(train_leaves, x, jax.random.fold_in(key, 2))
-        return loss_fn(z[:b], z[b:]), stats
+        return loss_fn(*_view_pairs(z)), stats
 
       (loss, new_stats), train_grads = jax.value_and_grad(loss_of, has_aux=True)(train_leaves)
     else:
@@ -177,10 +187,9 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
 
       def embed(train_leaves, chunk, index):
         imgs, keys1, keys2 = chunk
-        x = augment.augment_views(jnp.stack([keys1, keys2]), imgs, aug)
+        x = augment.augment_views(jnp.stack([keys1, keys2]), imgs, aug, mesh)
         z, stats = apply(train_leaves, x, jax.random.fold_in(jax.random.fold_in(key, 2), index))
-        m = imgs.shape[0]
-        return (z[:m], z[m:]), stats
+        return _view_pairs(z), stats
 
       loss, train_grads, new_stats = twopass.loss_and_grads(
           embed, loss_fn, train_leaves, inputs, num_chunks=num_chunks,

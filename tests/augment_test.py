@@ -21,6 +21,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from jaxembed import augment
+from jaxembed import parallel
 
 # Every op off; tests switch single ops on from here.
 OFF = dict(preset="none")
@@ -494,13 +495,23 @@ def test_cpu_branches_equal_vmap(monkeypatch, cfg):
   keys = jax.random.split(jax.random.key(3), (2, 12))
   views = jax.jit(lambda k, x: augment.augment_views(k, x, cfg))
   vmapped = np.asarray(views(keys, x))
-  # Two views in one program equal two single-view calls.
+  # Image-major rows: view v of image i is row 2 i + v, and equals the
+  # single-view call with keys[v].
   single = jax.jit(lambda k, x: augment.augment_with_keys(k, x, cfg))
   np.testing.assert_allclose(
-      vmapped, np.concatenate([single(keys[0], x), single(keys[1], x)]), atol=1e-6)
+      vmapped.reshape(12, 2, *x.shape[1:]),
+      np.stack([single(keys[0], x), single(keys[1], x)], axis=1), atol=1e-6)
 
   monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", x.shape[1] * x.shape[2])
+  steps = _spy_map(monkeypatch)
   monkeypatch.setattr(augment.jax, "device_count", lambda: 1)
+  branched = np.asarray(jax.jit(lambda k, x: augment.augment_views(k, x, cfg))(keys, x))
+  assert steps == [24]
+  np.testing.assert_allclose(branched, vmapped, atol=1e-5)
+
+
+def _spy_map(monkeypatch):
+  """Records the length of every lax.map that augment traces."""
   steps = []
   real_map = jax.lax.map
 
@@ -509,9 +520,36 @@ def test_cpu_branches_equal_vmap(monkeypatch, cfg):
     return real_map(f, xs, **kw)
 
   monkeypatch.setattr(augment.jax.lax, "map", spy_map)
-  branched = np.asarray(jax.jit(lambda k, x: augment.augment_views(k, x, cfg))(keys, x))
-  assert steps == [24]
-  np.testing.assert_allclose(branched, vmapped, atol=1e-5)
+  return steps
+
+
+def test_cpu_branches_per_device_of_mesh(monkeypatch):
+  # With a mesh of CPU devices, each device scans its own shard of the batch
+  # (shard_map); the views equal the single-device vmap's, keep the batch's
+  # sharding (image-major rows), and need no data moved between devices.
+  cfg = augment.resolve(ALL_OPS)
+  x = _images(n=8, seed=5)
+  keys = jax.random.split(jax.random.key(7), (2, 8))
+  vmapped = np.asarray(jax.jit(lambda k, x: augment.augment_views(k, x, cfg))(keys, x))
+
+  monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", x.shape[1] * x.shape[2])
+  steps = _spy_map(monkeypatch)
+  mesh = parallel.make_mesh(4)
+  sharding = parallel.batch_sharding(mesh)
+  fn = jax.jit(lambda k, x: augment.augment_views(k, x, cfg, mesh),
+               in_shardings=(None, sharding), out_shardings=sharding)
+  got = fn(keys, jax.device_put(x, sharding))
+  assert steps == [4]  # two views of each device's two images
+  np.testing.assert_allclose(np.asarray(got), vmapped, atol=1e-5)
+  hlo = fn.lower(keys, jax.device_put(x, sharding)).compile().as_text()
+  assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute"))
+
+  with pytest.raises(ValueError, match="does not split evenly"):
+    augment.augment_views(keys[:, :6], x[:6], cfg, mesh)
+  other = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,),
+                        devices=jax.devices()[:4])
+  with pytest.raises(ValueError, match="'data' axis"):
+    augment.augment_views(keys, x, cfg, other)
 
 
 def test_augment_views_bad_keys():

@@ -107,6 +107,28 @@ def test_trainer_gradients_match_one_pass_without_batchnorm(num_devices, num_chu
   assert float(jnp.abs(grads1["conv"]["kernel"]).max()) > 0
 
 
+@pytest.mark.parametrize("num_chunks", [1, 2])
+def test_trainer_with_per_device_augmentation_scans(monkeypatch, num_chunks):
+  # On CPU devices, images of augment._CPU_BRANCH_PIXELS or more are augmented
+  # by a scan on each device of the mesh (shard_map); forced here at 8 px, the
+  # step's loss and gradients equal those of the vmapped augmentation.
+  mesh = mesh_of(4)
+  model = NoBatchNorm()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  imgs = images(32)
+  want_loss, want_grads, _ = grads_of(model, variables, num_chunks, mesh, imgs)
+  monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", 8 * 8)
+  maps = []
+  real_map = jax.lax.map
+  monkeypatch.setattr(augment.jax.lax, "map",
+                      lambda f, xs, **kw: maps.append(xs.shape[0]) or real_map(f, xs, **kw))
+  loss, grads, _ = grads_of(model, variables, num_chunks, mesh, imgs)
+  # Both views of each device's images (8 per device, or 4 per chunk).
+  assert maps and set(maps) == {2 * 32 // 4 // num_chunks}
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+  assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-7)
+
+
 class WithBatchNorm(nn.Module):
   """Conv + BatchNorm backbone and the package's projector (parameter names as the model's)."""
 
