@@ -915,7 +915,7 @@ def _map_views(keys, x, cfg, mesh=None):
   own shard of the batch (``jax.shard_map`` over ``data``). With one XLA CPU
   device per core, each core then runs a scan of its own instead of sharing
   every op of one scan with the other cores, whose threads wait on each other
-  after every op: 1.4x faster at 224 px on 2 cores (docs/augment.md).
+  after every op: 1.3-1.4x faster at 224 px on 2 cores (docs/augment.md).
   Several devices without ``mesh`` keep the vmap, which the compiler
   partitions. Values are those of the vmap up to float rounding of the
   compiled code.
@@ -934,12 +934,11 @@ def _map_views(keys, x, cfg, mesh=None):
                          in_specs=(P(None, DATA_AXIS), P(DATA_AXIS)),
                          out_specs=P(DATA_AXIS))(keys, x)
 
-  params = jax.vmap(lambda k: sample_view(k, x.shape[1:], cfg))(keys.T.reshape(-1))
-  params = jax.tree.map(lambda t: t.reshape(batch, views, *t.shape[1:]), params)
-  # Over the views of one image (the image shared), then over the images.
-  per_image = jax.vmap(lambda p, im: apply_view(p, im, cfg), in_axes=(0, None))
-  out = jax.vmap(per_image)(params, x)  # (B, V, H, W, C)
-  return out.reshape(batch * views, *x.shape[1:])
+  params = jax.vmap(lambda k: sample_view(k, x.shape[1:], cfg))(keys.reshape(-1))
+  apply = jax.vmap(lambda p, im: apply_view(p, im, cfg))
+  out = [apply(jax.tree.map(lambda t: t[v * batch:(v + 1) * batch], params), x)
+         for v in range(views)]
+  return out[0] if views == 1 else jnp.stack(out, axis=1).reshape(batch * views, *x.shape[1:])
 
 
 def border_mean(images) -> tuple:

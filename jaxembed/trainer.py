@@ -153,6 +153,10 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
   num_devices = 1 if mesh is None else mesh.devices.size
   chunk_sharding = None if mesh is None else NamedSharding(mesh, P(None, parallel.DATA_AXIS))
 
+  def views_of(images, keys1, keys2):
+    # Image-major: rows 2i and 2i + 1 are image i's views (_view_pairs).
+    return augment.augment_views(jnp.stack([keys1, keys2]), images, aug, mesh)
+
   def fn(params, batch_stats, images, key):
     k1, k2 = jax.random.split(key)
     b = images.shape[0]
@@ -175,7 +179,7 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
       return out["z"], updated.get("batch_stats", {})
 
     if num_chunks == 1:
-      x = augment.augment_views(jnp.stack([keys1, keys2]), images, aug, mesh)
+      x = views_of(images, keys1, keys2)
 
       def loss_of(train_leaves):
         z, stats = apply(train_leaves, x, jax.random.fold_in(key, 2))
@@ -187,7 +191,7 @@ def make_loss_and_grads(model, loss_fn, aug_config, trainable="all", num_chunks=
 
       def embed(train_leaves, chunk, index):
         imgs, keys1, keys2 = chunk
-        x = augment.augment_views(jnp.stack([keys1, keys2]), imgs, aug, mesh)
+        x = views_of(imgs, keys1, keys2)
         z, stats = apply(train_leaves, x, jax.random.fold_in(jax.random.fold_in(key, 2), index))
         return _view_pairs(z), stats
 
