@@ -97,8 +97,8 @@ FIELDS = tuple(_TSIMCNE)
 FILLS = ("constant", "border_mean", "reflect")
 # Uniform draws per view: 29 geometry, 9 jitter, grayscale, blur (2), solarise.
 _N_UNIFORMS = 42
-# On a single CPU device, images of at least this many pixels are augmented
-# one at a time, where their random ops can branch (see _map_views).
+# On CPU devices, images of at least this many pixels are augmented one at a
+# time, where their random ops can branch (see _map_views).
 _CPU_BRANCH_PIXELS = 2**12
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
@@ -758,9 +758,8 @@ def apply_view(params, image, cfg, branches=False):
     (H, W, C) float32 in [0, 1].
   """
   height, width, channels = image.shape
-  if image.dtype != jnp.uint8:  # uint8 is converted after the warp's gathers
-    image = _to_float(image)
   if _has_geometry(cfg):
+    # The warp converts to float itself: a uint8 image after its gathers.
     image = warp(image, params["geometry"], cfg["fill"],
                  _fill_colour(cfg, channels), rotates=_rotates(cfg))
   image = _to_float(image)
