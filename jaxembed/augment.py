@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxembed import parallel
 from jaxembed.parallel import DATA_AXIS
 
 # Every configuration field (configs/common.py, ``config.aug``) and its value
@@ -861,15 +862,7 @@ def augment_views(keys, images, aug_config, mesh=None):
         f"aug.rot90_p > 0 needs square images, got {images.shape[1]}x"
         f"{images.shape[2]}; resize them (data.image_size) or set rot90_p=0")
   if mesh is not None:
-    if DATA_AXIS not in mesh.axis_names:
-      raise ValueError(
-          f"mesh must have a {DATA_AXIS!r} axis that shards the batch, got axes "
-          f"{mesh.axis_names}; build it with jaxembed.parallel.make_mesh()")
-    if images.shape[0] % mesh.shape[DATA_AXIS]:
-      raise ValueError(
-          f"a batch of {images.shape[0]} images does not split evenly over the "
-          f"{mesh.shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis; "
-          f"use a multiple of {mesh.shape[DATA_AXIS]} images")
+    parallel.data_axis_size(mesh, images.shape[0], "augmentation")
   return _map_views(keys, images, cfg, mesh)
 
 

@@ -39,7 +39,9 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = "data"  # the batch axis of parallel.make_mesh
+from jaxembed import parallel
+from jaxembed.parallel import DATA_AXIS  # the batch axis of parallel.make_mesh
+
 
 # Matrix entries one program may hold before its rows are blocked: 2^22
 # float32 entries are 16 MiB, and the backward pass keeps about four such
@@ -164,9 +166,6 @@ def _data_mesh(mesh):
     if context is None or context.empty or DATA_AXIS not in context.axis_names:
       return None
     mesh = context
-  if DATA_AXIS not in mesh.axis_names:
-    raise ValueError(f"the loss shards over a mesh axis named {DATA_AXIS!r}; got a mesh with axes "
-                     f"{mesh.axis_names}. Build it with parallel.make_mesh().")
   return mesh
 
 
@@ -177,11 +176,8 @@ def _infonce(logits_fn, z1, z2, block_size, mesh):
   b = z1.shape[0]
   n = 2 * b
   mesh = _data_mesh(mesh)
-  num_shards = 1 if mesh is None else mesh.shape[DATA_AXIS]
-  if num_shards > 1 and b % num_shards:
-    raise ValueError(f"batch size {b} is not divisible by the {num_shards} devices of the "
-                     f"{DATA_AXIS!r} mesh axis; use a batch size that is a multiple of "
-                     f"{num_shards} or pass mesh=None")
+  num_shards = (1 if mesh is None else
+                parallel.data_axis_size(mesh, b, "the loss", " or pass mesh=None"))
   if num_shards <= 1:
     z = jnp.concatenate([z1, z2])
     return _local_rows_loss(logits_fn, z, jnp.arange(n), z, block_size) / n

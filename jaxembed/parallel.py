@@ -120,6 +120,23 @@ def make_mesh(num_devices=None):
   return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 
+def data_axis_size(mesh, batch, user, fix=""):
+  """Devices on ``mesh``'s ``data`` axis, over which a batch of ``batch`` rows is split.
+
+  Raises ValueError when the mesh has no ``data`` axis or the batch does not
+  split evenly over it; ``user`` names what shards (e.g. "the loss") and
+  ``fix`` is appended to the second message (another way out, if any).
+  """
+  if DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"{user} shards over a mesh axis named {DATA_AXIS!r}; got a mesh with axes "
+                     f"{mesh.axis_names}. Build it with parallel.make_mesh().")
+  n = mesh.shape[DATA_AXIS]
+  if batch % n:
+    raise ValueError(f"batch size {batch} is not divisible by the {n} devices of the "
+                     f"{DATA_AXIS!r} mesh axis; use a batch size that is a multiple of {n}{fix}")
+  return n
+
+
 def batch_sharding(mesh):
   """Sharding of a batch: first dimension split over the ``data`` axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
