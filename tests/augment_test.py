@@ -486,7 +486,7 @@ ALL_OPS = {"preset": "medical", "fill_value": (0.2, 0.4, 0.6), "jitter_p": 0.7,
     ALL_OPS,
     {"preset": "tsimcne"},            # the axis-aligned warp
     dict(ALL_OPS, fill="reflect")])
-def test_cpu_branches_equal_vmap(monkeypatch, cfg):
+def test_cpu_branches_equal_vmap(monkeypatch, lax_map_lengths, cfg):
   # On one CPU device, images of _CPU_BRANCH_PIXELS or more go through
   # lax.map one at a time with real branches (the tests have 8 devices,
   # which keep the vmap): force that path and compare with the vmap.
@@ -503,27 +503,13 @@ def test_cpu_branches_equal_vmap(monkeypatch, cfg):
       np.stack([single(keys[0], x), single(keys[1], x)], axis=1), atol=1e-6)
 
   monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", x.shape[1] * x.shape[2])
-  steps = _spy_map(monkeypatch)
   monkeypatch.setattr(augment.jax, "device_count", lambda: 1)
   branched = np.asarray(jax.jit(lambda k, x: augment.augment_views(k, x, cfg))(keys, x))
-  assert steps == [24]
+  assert lax_map_lengths == [24]
   np.testing.assert_allclose(branched, vmapped, atol=1e-5)
 
 
-def _spy_map(monkeypatch):
-  """Records the length of every lax.map that augment traces."""
-  steps = []
-  real_map = jax.lax.map
-
-  def spy_map(f, xs, **kw):
-    steps.append(xs.shape[0])
-    return real_map(f, xs, **kw)
-
-  monkeypatch.setattr(augment.jax.lax, "map", spy_map)
-  return steps
-
-
-def test_cpu_branches_per_device_of_mesh(monkeypatch):
+def test_cpu_branches_per_device_of_mesh(monkeypatch, lax_map_lengths):
   # With a mesh of CPU devices, each device scans its own shard of the batch
   # (shard_map); the views equal the single-device vmap's, keep the batch's
   # sharding (image-major rows), and need no data moved between devices.
@@ -533,13 +519,12 @@ def test_cpu_branches_per_device_of_mesh(monkeypatch):
   vmapped = np.asarray(jax.jit(lambda k, x: augment.augment_views(k, x, cfg))(keys, x))
 
   monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", x.shape[1] * x.shape[2])
-  steps = _spy_map(monkeypatch)
   mesh = parallel.make_mesh(4)
   sharding = parallel.batch_sharding(mesh)
   fn = jax.jit(lambda k, x: augment.augment_views(k, x, cfg, mesh),
                in_shardings=(None, sharding), out_shardings=sharding)
   got = fn(keys, jax.device_put(x, sharding))
-  assert steps == [4]  # two views of each device's two images
+  assert lax_map_lengths == [4]  # two views of each device's two images
   np.testing.assert_allclose(np.asarray(got), vmapped, atol=1e-5)
   hlo = fn.lower(keys, jax.device_put(x, sharding)).compile().as_text()
   assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute"))

@@ -108,7 +108,7 @@ def test_trainer_gradients_match_one_pass_without_batchnorm(num_devices, num_chu
 
 
 @pytest.mark.parametrize("num_chunks", [1, 2])
-def test_trainer_with_per_device_augmentation_scans(monkeypatch, num_chunks):
+def test_trainer_with_per_device_augmentation_scans(monkeypatch, lax_map_lengths, num_chunks):
   # On CPU devices, images of augment._CPU_BRANCH_PIXELS or more are augmented
   # by a scan on each device of the mesh (shard_map); forced here at 8 px, the
   # step's loss and gradients equal those of the vmapped augmentation.
@@ -117,14 +117,11 @@ def test_trainer_with_per_device_augmentation_scans(monkeypatch, num_chunks):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   imgs = images(32)
   want_loss, want_grads, _ = grads_of(model, variables, num_chunks, mesh, imgs)
+  assert not lax_map_lengths  # the vmap
   monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", 8 * 8)
-  maps = []
-  real_map = jax.lax.map
-  monkeypatch.setattr(augment.jax.lax, "map",
-                      lambda f, xs, **kw: maps.append(xs.shape[0]) or real_map(f, xs, **kw))
   loss, grads, _ = grads_of(model, variables, num_chunks, mesh, imgs)
   # Both views of each device's images (8 per device, or 4 per chunk).
-  assert maps and set(maps) == {2 * 32 // 4 // num_chunks}
+  assert lax_map_lengths and set(lax_map_lengths) == {2 * 32 // 4 // num_chunks}
   np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
   assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-7)
 
