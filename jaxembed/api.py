@@ -11,6 +11,7 @@ then gives bit-identical results.
 """
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -19,9 +20,13 @@ import tempfile
 import numpy as np
 from sklearn import base
 
-from jaxembed import embedding
-from jaxembed import parallel
+from configs import common
+from jaxembed import files
+from jaxembed import runs
+from jaxembed import trainer
 from jaxembed import workdir as workdir_lib
+from jaxembed.data import arrays
+from jaxembed.data import convert
 
 ESTIMATOR_FILE = "estimator.json"
 FIT_DATA = "fit_data.npz"
@@ -90,7 +95,6 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
 
   def make_config(self, image_shape):
     """The run's ConfigDict for images of ``image_shape`` (H, W, C)."""
-    from configs import common  # pylint: disable=g-import-not-at-top
     c = common.get_config()
     h, w = image_shape[:2]
     size = self.image_size
@@ -133,7 +137,6 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
     Returns:
       self.
     """
-    from jaxembed import trainer  # pylint: disable=g-import-not-at-top
     images = _check_images(images)
     if labels is not None:
       labels = np.asarray(labels)
@@ -179,14 +182,12 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
   def embed(self, images, batch_size=None):
     """All outputs for ``images``: ``z`` (the 2-D head output), ``features``, ``hidden``."""
     self._check_fitted()
-    from jaxembed.data import arrays  # pylint: disable=g-import-not-at-top
     x = arrays.prepare_images(_check_images(images), self.config_.data,
                               vrange=self.intensity_range_,
                               image_size=int(self.image_shape_[0]),
                               channels=int(self.image_shape_[2]))
-    mesh = parallel.make_mesh()
-    return embedding.embed(self.model_, self.variables_, x, mesh,
-                           batch_size or self.config_.eval.batch_size)
+    return runs.embed_images(self.model_, self.variables_, x, self.config_,
+                             batch_size=batch_size)
 
   # -------------------------------------------------------------- save/load
 
@@ -210,7 +211,7 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
     state = {"params": {k: _jsonable(v) for k, v in params.items()},
              "step": int(self.step_), "embedding": self.embedding_.tolist(),
              "intensity_range": self.intensity_range_}
-    workdir_lib.write_json(os.path.join(path, ESTIMATOR_FILE), state)
+    files.write_json(os.path.join(path, ESTIMATOR_FILE), state)
     return path
 
   @classmethod
@@ -243,16 +244,14 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
   # ---------------------------------------------------------------- helpers
 
   def _restore(self, workdir, step=None):
-    from jaxembed import trainer  # pylint: disable=g-import-not-at-top
     with _quiet(True):
-      self.model_, self.variables_, self.config_, self.step_ = trainer.load_trained(workdir, step)
-    run = workdir_lib.load_run_record(workdir)
+      self.model_, self.variables_, self.config_, self.step_ = runs.load_trained(workdir, step)
+    run = runs.run_record(workdir)
     self.image_shape_ = tuple(run["image_shape"])
     self.intensity_range_ = None
     data_path = os.path.join(workdir, FIT_DATA)
     if os.path.isfile(data_path):
       # Non-uint8 images are scaled with the range of the fitted images.
-      from jaxembed.data import convert  # pylint: disable=g-import-not-at-top
       with np.load(data_path, allow_pickle=False) as z:
         vr = convert.value_range(z["images"], self.config_.data.get("intensity", "minmax"),
                                  self.config_.data.get("window"))
@@ -325,7 +324,6 @@ def _tuples(v):
 
 def _write_npz_if_changed(path, arrays):
   """Writes the fit data; an identical file is kept, so that a given workdir resumes."""
-  import io  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   data = buf.getvalue()
@@ -333,8 +331,7 @@ def _write_npz_if_changed(path, arrays):
     with open(path, "rb") as f:
       if f.read() == data:
         return
-  with workdir_lib.atomic_open(path, "wb") as f:
-    f.write(data)
+  files.write_bytes(path, data)
 
 
 @contextlib.contextmanager
@@ -343,6 +340,5 @@ def _quiet(enabled):
   if not enabled:
     yield
     return
-  import io  # pylint: disable=g-import-not-at-top
   with contextlib.redirect_stdout(io.StringIO()):
     yield

@@ -871,8 +871,8 @@ def _scans_views(height, width, mesh):
   if height * width < _CPU_BRANCH_PIXELS:
     return False
   if mesh is None:
-    return jax.default_backend() == "cpu" and jax.device_count() == 1
-  return all(d.platform == "cpu" for d in mesh.devices.flat)
+    return parallel.uses_cpu_paths() and jax.device_count() == 1
+  return parallel.uses_cpu_paths(mesh)
 
 
 def _scan_views(keys, x, cfg):

@@ -3,6 +3,13 @@
 import os
 import sys
 
+from absl import flags
+from absl import logging
+
+# TensorFlow's C++ start-up lines (oneDNN, cpu features), should anything
+# import it: the variable must be set before that import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 USAGE_ERROR = 2
 
 
@@ -19,9 +26,6 @@ def run(main, argv=None, user_errors=(ValueError, TypeError, KeyError, FileNotFo
   of the wrong type, a config file that fails to load) with a traceback and
   exit status 1; users need the message only.
   """
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
   try:
     rest = flags.FLAGS(argv)

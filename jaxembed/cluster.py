@@ -21,16 +21,38 @@ its border. :func:`write_cluster_report` writes all of it into a directory
 (``clusters.json``, ``cluster_contingency.csv``, ``cluster_assignments.csv``,
 ``cluster_sheet.png``, ``cluster_map.png``). See docs/cluster.md.
 
+Command line (a finished run's workdir)::
+
+  python -m jaxembed.cluster --workdir DIR [--method gmm|kmeans|hdbscan]
+      [--n_clusters K] [--k_min 2] [--k_max 20] [--seed 0] [--no_features] [--no_images]
+      [--outdir OUT]
+
 Cluster numbers are ordered by size (0 is the largest), so that they do not
 depend on the estimator's internal order.
 """
 
+import argparse
+import contextlib
 import csv
 import dataclasses
 import io
 import os
+import sys
+import time
 
+import matplotlib
+from matplotlib import figure
 import numpy as np
+from PIL import Image
+from sklearn import cluster as sk_cluster
+from sklearn import decomposition
+from sklearn import metrics
+from sklearn import mixture
+import threadpoolctl
+
+from jaxembed import files
+from jaxembed import plots
+from jaxembed import runs
 
 METHODS = ("gmm", "kmeans", "hdbscan")
 CRITERIA = {"gmm": ("bic",), "kmeans": ("silhouette", "bic"), "hdbscan": ()}
@@ -225,10 +247,8 @@ def _threads_for(size):
   more than the work: on the shared 2-core test machine, choosing k for 600
   points took 16 s with default threads and 1.1 s with one.
   """
-  import contextlib  # pylint: disable=g-import-not-at-top
   if size > _SINGLE_THREAD_MAX_VALUES:
     return contextlib.nullcontext()
-  import threadpoolctl  # pylint: disable=g-import-not-at-top
   return threadpoolctl.threadpool_limits(1)
 
 
@@ -299,7 +319,6 @@ def _fit(x, method, n_clusters, k_range, seed, criterion, covariance_type, min_c
 
 
 def _gmm_factory(covariance_type, seed, n_init):
-  from sklearn import mixture  # pylint: disable=g-import-not-at-top
   if covariance_type not in ("full", "tied", "diag", "spherical"):
     raise ValueError(f"unknown covariance_type {covariance_type!r}; use 'full', 'tied', 'diag' "
                      "or 'spherical'")
@@ -311,12 +330,10 @@ def _gmm_factory(covariance_type, seed, n_init):
 
 
 def _kmeans_factory(seed, n_init):
-  from sklearn import cluster  # pylint: disable=g-import-not-at-top
-  return lambda k: cluster.KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+  return lambda k: sk_cluster.KMeans(n_clusters=k, n_init=n_init, random_state=seed)
 
 
 def _score(model, x, method, criterion, seed):
-  from sklearn import metrics  # pylint: disable=g-import-not-at-top
   if method == "gmm":
     return model.bic(x)
   labels = model.labels_
@@ -364,7 +381,6 @@ def _margin_confidence(dist, assign):
 
 
 def _fit_hdbscan(x, seed, min_cluster_size, min_samples):
-  from sklearn import cluster  # pylint: disable=g-import-not-at-top
   n = len(x)
   if min_cluster_size is None:
     # About 1% of the points: digits' 1,797 points give 17, far below a class
@@ -375,7 +391,7 @@ def _fit_hdbscan(x, seed, min_cluster_size, min_samples):
     raise ValueError(f"too few points ({n}) for min_cluster_size={min_cluster_size}")
   if min_samples is not None:
     min_samples = _check_int(min_samples, "min_samples", 1)
-  model = cluster.HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, copy=True)
+  model = sk_cluster.HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, copy=True)
   # HDBSCAN is deterministic; the seed is recorded for the report only.
   assign = model.fit_predict(x)
   k = int(assign.max()) + 1 if (assign >= 0).any() else 0
@@ -442,7 +458,6 @@ def cluster_metrics(assignments, labels):
   over the clustered points only are under "clustered" where there is noise.
   Multi-label rows are compared as label combinations.
   """
-  from sklearn import metrics  # pylint: disable=g-import-not-at-top
   assignments = np.asarray(assignments)
   labels = _label_keys(labels, len(assignments))
 
@@ -520,7 +535,6 @@ def _plain(v):
 
 def _thumb(img, side):
   """A uint8 (side, side, 3) thumbnail of one image (uint8 or float in [0, 1])."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   img = np.asarray(img)
   if img.dtype != np.uint8:
     img = np.clip(np.round(img.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
@@ -544,9 +558,6 @@ def cluster_sheet_png(path, descriptions, images=None, labels=None, ids=None, ti
 
   Without ``images`` the rows list the ids of those points instead.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   n = len(images) if images is not None else len(ids)
   keys = None if labels is None else _label_keys(labels, n)
   n_c = max([len(d["central"]) for d in descriptions] + [1])
@@ -558,7 +569,7 @@ def cluster_sheet_png(path, descriptions, images=None, labels=None, ids=None, ti
   text_in, px_in = 2.3, 0.75 / strip_h  # inches of text column; inches per strip pixel
   fig_w = text_in + strip_w * px_in + 0.2
   fig_h = rows * strip_h * px_in + (0.9 if title else 0.5)
-  fig = plt.figure(figsize=(fig_w, fig_h), dpi=110)
+  fig = figure.Figure(figsize=(fig_w, fig_h), dpi=110)
   top = 1.0 - (0.6 if title else 0.35) / fig_h
   row_h = (top - 0.05 / fig_h) / rows
   if title:
@@ -605,24 +616,20 @@ def cluster_sheet_png(path, descriptions, images=None, labels=None, ids=None, ti
                  ha="center", va="bottom")
   buf = io.BytesIO()
   fig.savefig(buf, format="png")
-  plt.close(fig)
-  _write_bytes(path, buf.getvalue())
+  files.write_bytes(path, buf.getvalue())
 
 
 def cluster_map_png(path, embedding, result, title=None):
   """The 2D map coloured by cluster, each cluster's number at its members' median; noise grey."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from jaxembed import plots  # pylint: disable=g-import-not-at-top
   xy = np.asarray(embedding, np.float64)
   assign = result.assignments
-  fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
+  fig = figure.Figure(figsize=(7, 7), dpi=110)
+  ax = fig.subplots()
   s = plots.point_size(len(xy))
   noise = assign < 0
   if noise.any():
     ax.scatter(xy[noise, 0], xy[noise, 1], s=s, c="0.8", linewidths=0, rasterized=True)
-  cmap = plt.get_cmap("tab10" if result.n_clusters <= 10 else "tab20")
+  cmap = matplotlib.colormaps["tab10" if result.n_clusters <= 10 else "tab20"]
   for c in range(result.n_clusters):
     sel = assign == c
     ax.scatter(xy[sel, 0], xy[sel, 1], s=s, color=cmap(c % cmap.N), linewidths=0,
@@ -632,20 +639,13 @@ def cluster_map_png(path, embedding, result, title=None):
     ax.text(mx, my, str(c), fontsize=9, ha="center", va="center", fontweight="bold",
             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": cmap(c % cmap.N),
                   "alpha": 0.85})
-  plots.save_map_figure(fig, ax, path, title)
-
-
-def _write_bytes(path, data):
-  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
-  with workdir.atomic_open(path, "wb") as f:
-    f.write(data)
+  files.write_bytes(path, plots.map_figure_png(fig, ax, title))
 
 
 # ------------------------------------------------------------------- report
 
 
 def _pca(x, dims, seed):
-  from sklearn import decomposition  # pylint: disable=g-import-not-at-top
   if x.shape[1] <= dims:
     return x
   return decomposition.PCA(n_components=dims, random_state=seed).fit_transform(x)
@@ -683,7 +683,6 @@ def write_cluster_report(outdir, embedding, images=None, labels=None, ids=None, 
     The dict written to clusters.json, plus ``assignments`` ((N,) int, -1
     noise) and ``feature_assignments`` (or None), which the JSON leaves out.
   """
-  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(outdir):
     raise ValueError(f"output directory {outdir} does not exist; create it first")
   embedding = _check_points(embedding, "embedding")
@@ -730,7 +729,7 @@ def write_cluster_report(outdir, embedding, images=None, labels=None, ids=None, 
 
   # cluster_assignments.csv
   path = os.path.join(outdir, ASSIGNMENTS_FILE)
-  with workdir.atomic_open(path, "w") as f:
+  with files.atomic_open(path, "w") as f:
     w = csv.writer(f)
     w.writerow(["id", "cluster"] + (["feature_cluster"] if feat_result is not None else []))
     for i in range(n):
@@ -743,7 +742,7 @@ def write_cluster_report(outdir, embedding, images=None, labels=None, ids=None, 
   if labels is not None:
     clusters, classes, table = contingency_table(result.assignments, labels)
     path = os.path.join(outdir, CONTINGENCY_FILE)
-    with workdir.atomic_open(path, "w") as f:
+    with files.atomic_open(path, "w") as f:
       w = csv.writer(f)
       w.writerow(["cluster", "size"] + [str(_plain(c)) for c in classes])
       for c, row in zip(clusters, table):
@@ -765,12 +764,76 @@ def write_cluster_report(outdir, embedding, images=None, labels=None, ids=None, 
   cluster_map_png(os.path.join(outdir, MAP_FILE), embedding, result, title=title)
   report["files"]["map"] = MAP_FILE
   report["files"]["json"] = JSON_FILE
-  workdir.write_json(os.path.join(outdir, JSON_FILE), report)
+  files.write_json(os.path.join(outdir, JSON_FILE), report)
   # The per-point clusters for callers (plots.embedding_html), not in the JSON.
   return dict(report, assignments=result.assignments,
               feature_assignments=None if feat_result is None else feat_result.assignments)
 
 
 def _ari(a, b):
-  from sklearn import metrics  # pylint: disable=g-import-not-at-top
   return metrics.adjusted_rand_score(a, b)
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+      prog="python -m jaxembed.cluster",
+      description="Clusters a finished run's map (and features) and writes the cluster report "
+      "into its workdir: clusters.json, cluster_contingency.csv, cluster_assignments.csv, "
+      "cluster_sheet.png and cluster_map.png.")
+  p.add_argument("--workdir", required=True, help="a finished training workdir")
+  p.add_argument("--outdir", default=None, help="where to write (default: the workdir)")
+  p.add_argument("--method", default="gmm", choices=["gmm", "kmeans", "hdbscan"])
+  p.add_argument("--n_clusters", type=int, default=None, help="fixed k (gmm, kmeans)")
+  p.add_argument("--k_min", type=int, default=2)
+  p.add_argument("--k_max", type=int, default=20)
+  p.add_argument("--criterion", default=None, help="kmeans: silhouette (default) or bic")
+  p.add_argument("--min_cluster_size", type=int, default=None, help="hdbscan")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no_features", action="store_true", help="cluster the map only")
+  p.add_argument("--no_images", action="store_true", help="do not re-load the dataset")
+  args = p.parse_args(argv)
+
+  try:
+    arrays, images = runs.load_embeddings(args.workdir, with_images=not args.no_images)
+    outdir = args.outdir or args.workdir
+    os.makedirs(outdir, exist_ok=True)
+    kw = {}
+    if args.criterion is not None:
+      kw["criterion"] = args.criterion
+    if args.min_cluster_size is not None:
+      kw["min_cluster_size"] = args.min_cluster_size
+    t0 = time.perf_counter()
+    rep = write_cluster_report(
+        outdir, arrays["embedding"], images=images, labels=arrays.get("labels"),
+        ids=arrays.get("ids"), features=None if args.no_features else arrays.get("features"),
+        method=args.method, n_clusters=args.n_clusters, k_range=(args.k_min, args.k_max),
+        seed=args.seed, **kw)
+    seconds = time.perf_counter() - t0
+  except (ValueError, TypeError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  print(f"{args.method} clusters of {args.workdir} ({rep['n_points']} points, "
+        f"{seconds:.1f} s)")
+  print(f"{'space':<10} {'dims':>5} {'k':>4} {'clusters':>8} {'noise':>6} {'ARI':>7} "
+        f"{'NMI':>7} {'purity':>7}")
+  for space in ("map", "features"):
+    if space not in rep:
+      continue
+    r = rep[space]
+    m = r.get("metrics", {})
+    fmt = lambda v: f"{v:7.3f}" if v is not None else f"{'-':>7}"  # noqa: E731
+    dims = f"{r['dims']}" + (f"/{r['input_dims']}" if "input_dims" in r else "")
+    print(f"{space:<10} {dims:>5} {r['k']:>4} {r['n_clusters']:>8} {r['noise_fraction']:>6.3f} "
+          f"{fmt(m.get('ari'))} {fmt(m.get('nmi'))} {fmt(m.get('purity'))}")
+  if "features" in rep:
+    print(f"ARI between map and feature clusters: {rep['features']['ari_with_map_clusters']:.3f}")
+  print(f"Wrote {', '.join(rep['files'].values())} to {os.path.abspath(outdir)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

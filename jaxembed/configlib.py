@@ -6,8 +6,13 @@ what to set instead; the command line turns it into one line and exit 2.
 
 import json
 
+from absl import logging
 import jax
 import ml_collections
+
+from jaxembed import augment
+from jaxembed import models
+from jaxembed.data.convert import DataError
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
 LOSSES = ("cauchy", "cosine")
@@ -16,8 +21,18 @@ TRAINABLE = ("all", "projector", "head_out")
 DTYPES = ("float32", "bfloat16")
 
 
+# config.train fields and the value a run behaved as before the field existed
+# (a config.json written by an older version lacks it).
+TRAIN_DEFAULTS = {"chunk_size": 0, "deterministic": False}
+
+
 class ConfigError(ValueError):
   """An invalid configuration value."""
+
+
+def train_option(config, name):
+  """``config.train.<name>``, or its default (``TRAIN_DEFAULTS``) where the config lacks it."""
+  return config.get("train", {}).get(name, TRAIN_DEFAULTS[name])
 
 
 def stages(config):
@@ -75,22 +90,20 @@ def num_chunks(chunk_size, batch_size, num_devices):
 
 def validate(config, num_devices=None):
   """Raises ConfigError for impossible values; called before any data or model is built."""
-  from jaxembed import models  # pylint: disable=g-import-not-at-top
   num_devices = num_devices or jax.device_count()
   if not isinstance(config.batch_size, int) or config.batch_size < 2:
     raise ConfigError(f"batch_size must be an integer >= 2, got {config.batch_size!r}")
   if config.batch_size % num_devices:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
                       f"use a multiple of {num_devices}")
-  train = config.get("train", {})
-  chunk = train.get("chunk_size", 0)
+  chunk = train_option(config, "chunk_size")
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
     raise ConfigError(f"train.chunk_size must be an integer >= 0 (images per device; 0 = one "
                       f"pass), got {chunk!r}")
   num_chunks(chunk, config.batch_size, num_devices)
-  if not isinstance(train.get("deterministic", False), bool):
+  if not isinstance(train_option(config, "deterministic"), bool):
     raise ConfigError(f"train.deterministic must be True or False, got "
-                      f"{train.get('deterministic')!r}")
+                      f"{train_option(config, 'deterministic')!r}")
   data = config.data
   if data.get("streaming", False):
     if data.source not in ("folder", "tfds"):
@@ -133,12 +146,47 @@ def validate(config, num_devices=None):
     raise ConfigError(f"logging.writer {config.logging.writer!r} unknown; use 'tensorboard' or 'clu'")
   if config.checkpoint.every_steps < 1 or config.logging.every_steps < 1:
     raise ConfigError("checkpoint.every_steps and logging.every_steps must be >= 1")
-  from jaxembed import augment  # pylint: disable=g-import-not-at-top
   try:
     augment.resolve(config.aug)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.aug: {e}") from e
   return stages(config)
+
+
+def resolve_config(config, num_train, stats, num_devices):
+  """Fills the data-dependent fields (normalisation, border colour, batch clamp) in place.
+
+  Args:
+    config: the run's config (changed in place and returned).
+    num_train: the number of training images.
+    stats: jaxembed.data.compute_stats of the training images.
+    num_devices: devices the batch is split over.
+
+  Raises:
+    DataError: too few images for the devices.
+    ConfigError: train.chunk_size does not divide the clamped batch.
+  """
+  with config.unlocked():
+    n = num_train
+    if config.batch_size > n:
+      clamped = (n // num_devices) * num_devices
+      if clamped < 2:
+        raise DataError(f"only {n} training images for {num_devices} devices; "
+                        "need at least two images per step")
+      logging.warning("batch_size=%d exceeds the %d training images; using %d",
+                      config.batch_size, n, clamped)
+      print(f"warning: batch_size={config.batch_size} is larger than the {n} training images; "
+            f"using batch_size={clamped}", flush=True)
+      config.batch_size = clamped
+    if config.model.input_mean is None:
+      config.model.input_mean = stats["mean"]
+    if config.model.input_std is None:
+      config.model.input_std = stats["std"]
+    if config.aug.fill_value is None and augment.resolve(config.aug)["fill"] == "border_mean":
+      config.aug.fill_value = stats["border_mean"]
+  # The batch may have been clamped to the data: the chunks must still divide it.
+  num_chunks(train_option(config, "chunk_size"), config.batch_size, num_devices)
+  return config
 
 
 def to_json(config):

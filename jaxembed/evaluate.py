@@ -19,6 +19,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxembed import parallel
 
 # Dimensions up to this are handled by summing squared coordinate differences
 # directly (exact to float32 rounding); above it, by |q|^2 + |r|^2 - 2 q.r as a
@@ -108,17 +111,11 @@ def _check_k(k, n_ref, what):
 # ----------------------------------------------------------------------------
 # Mesh and chunking.
 # ----------------------------------------------------------------------------
-def _mesh():
-  """A 1D mesh over all devices, by the convention of jaxembed/parallel.py."""
-  return jax.make_mesh(
-      (jax.device_count(),), ("data",),
-      axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def _chunk_rows(n_ref, n_query, n_devices, chunk_size):
+def _chunk_rows(n_ref, n_query, mesh, chunk_size):
   """Rows per query chunk: a multiple of the device count within the budget."""
+  n_devices = mesh.size
   if chunk_size is None:
-    budget = _BLOCK_BYTES.get(jax.devices()[0].platform, _BLOCK_BYTES_ACCELERATOR)
+    budget = _BLOCK_BYTES.get(parallel.platform(mesh), _BLOCK_BYTES_ACCELERATOR)
     per_device = max(8, budget // (4 * max(n_ref, 1)))
     chunk_size = per_device * n_devices
   elif (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
@@ -138,7 +135,7 @@ def _bucket(count):
 
 def _query_chunks(q, chunk, mesh):
   """Yields (start, device array of `chunk` rows sharded on "data")."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  sharding = parallel.batch_sharding(mesh)
   n = q.shape[0]
   for start in range(0, n, chunk):
     block = q[start:start + chunk]
@@ -157,21 +154,9 @@ def _concurrent_calls(mesh):
   over halves of the queries took 5.1 ms where one call took 9.5 ms (2
   cores). Elsewhere the devices already split the work.
   """
-  if mesh.size > 1 or jax.process_count() > 1 or mesh.devices.flat[0].platform != "cpu":
+  if mesh.size > 1 or jax.process_count() > 1 or not parallel.uses_cpu_paths(mesh):
     return 1
   return max(1, min(os.cpu_count() or 1, 4))
-
-
-def _fetch(x):
-  """Device arrays (a pytree) as NumPy, also ones that span several processes."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(x, tiled=True))
-  return jax.device_get(x)  # One call for the whole tree.
-
-
-def _replicated(x, mesh):
-  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 # ----------------------------------------------------------------------------
@@ -410,8 +395,7 @@ def _symmetric_cluster_sums(block_ids, points, weights, tile_cluster, n_classes)
 
 def _sharded_cluster_sums(block_ids, points, weights, tile_cluster, n_classes, mesh):
   """_symmetric_cluster_sums with the row tiles split over the mesh's devices."""
-  rep = jax.sharding.PartitionSpec()
-  data = jax.sharding.PartitionSpec("data")
+  rep, data = P(), P(parallel.DATA_AXIS)
   # check_vma=False: the scans start from zeros that the type system calls
   # replicated and end device-varying; each device's share is meant to vary.
   return jax.shard_map(
@@ -436,7 +420,7 @@ def _jit_for(fn, platform, static_argnames):
 # ----------------------------------------------------------------------------
 # Public API.
 # ----------------------------------------------------------------------------
-def knn_predict(train_x, train_y, test_x, k=15, *, chunk_size=None):
+def knn_predict(train_x, train_y, test_x, k=15, *, chunk_size=None, mesh=None):
   """Predicts labels of test points by majority vote of their k nearest train points.
 
   Exact Euclidean neighbours; uniform weights; among tied vote counts the
@@ -450,6 +434,7 @@ def knn_predict(train_x, train_y, test_x, k=15, *, chunk_size=None):
     chunk_size: test rows per step (rounded up to a multiple of the device
       count); None picks one that keeps each block near 64 MiB per device
       (1 GiB on accelerators).
+    mesh: the ``data`` mesh whose devices share the work (default: all devices).
 
   Returns:
     (n_test,) predicted labels, same dtype as train_y.
@@ -463,7 +448,7 @@ def knn_predict(train_x, train_y, test_x, k=15, *, chunk_size=None):
         f"train_x has {train_x.shape[1]} dimensions but test_x has {test_x.shape[1]}.")
   k = _check_k(k, train_x.shape[0], "train points")
   classes, codes = np.unique(train_y, return_inverse=True)
-  nn = _nearest(test_x, train_x, k, None, chunk_size)
+  nn, _ = _nearest(test_x, train_x, k, None, chunk_size, mesh)
   # Majority vote; np.argmax takes the first maximum, i.e. the smallest
   # class among tied counts, as KNeighborsClassifier does.
   n_classes = len(classes)
@@ -473,7 +458,7 @@ def knn_predict(train_x, train_y, test_x, k=15, *, chunk_size=None):
   return classes[preds].astype(train_y_in.dtype, copy=False)
 
 
-def knn_accuracy(train_x, train_y, test_x, test_y, k=15, *, chunk_size=None):
+def knn_accuracy(train_x, train_y, test_x, test_y, k=15, *, chunk_size=None, mesh=None):
   """Accuracy of a kNN classifier fit on (train_x, train_y), scored on the test set.
 
   Equals `KNeighborsClassifier(k).fit(train_x, train_y).score(test_x, test_y)`
@@ -486,17 +471,18 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=15, *, chunk_size=None):
     test_y: (n_test,) integer labels; labels absent from train_y count as errors.
     k: number of neighbours.
     chunk_size: test rows per step; see knn_predict.
+    mesh: see knn_predict.
 
   Returns:
     The fraction of test points whose predicted label equals test_y, a float.
   """
   test_x = _as_points(test_x, "test_x")
   test_y = _as_labels(test_y, test_x.shape[0], "test_y")
-  preds = knn_predict(train_x, train_y, test_x, k, chunk_size=chunk_size)
+  preds = knn_predict(train_x, train_y, test_x, k, chunk_size=chunk_size, mesh=mesh)
   return float(np.mean(preds.astype(np.int64) == test_y))
 
 
-def silhouette_score(x, labels, *, chunk_size=None):
+def silhouette_score(x, labels, *, chunk_size=None, mesh=None):
   """Mean silhouette coefficient of points `x` under `labels`, Euclidean, exact.
 
   Same definition as sklearn.metrics.silhouette_score: for point i with mean
@@ -510,6 +496,7 @@ def silhouette_score(x, labels, *, chunk_size=None):
     chunk_size: points per tile: each cluster is padded to a multiple of it
       and pairs of tiles are the unit of work; None picks up to 512 on CPUs
       (up to 4096 on accelerators) by the amount of padding it costs.
+    mesh: the ``data`` mesh whose devices share the work (default: all devices).
 
   Returns:
     The silhouette score, a float in [-1, 1].
@@ -531,11 +518,11 @@ def silhouette_score(x, labels, *, chunk_size=None):
     # Centring shrinks the norms, and so the rounding error of the matmul
     # expansion; the direct differences of low dimensions need no help.
     x = x - x.mean(axis=0)
-  sums = _cluster_sums(x, codes, n_classes, chunk_size)
+  sums = _cluster_sums(x, codes, n_classes, chunk_size, mesh)
   return _silhouette_from_sums(sums, codes, counts)
 
 
-def _tile_size(counts, n_devices, chunk_size):
+def _tile_size(counts, mesh, chunk_size):
   """Points per silhouette tile, R; each cluster is padded to a multiple of R.
 
   Larger tiles cost less per pair (fewer loop steps, longer matrix-vector
@@ -549,13 +536,13 @@ def _tile_size(counts, n_devices, chunk_size):
         or chunk_size < 1):
       raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
     return int(chunk_size)
-  if jax.devices()[0].platform == "cpu":
+  if parallel.uses_cpu_paths(mesh):
     sizes, overhead = [512, 256, 128, 64, 32, 16, 8], 64.0
   else:
     sizes, overhead = [4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8], 1024.0
 
   def cost(tile):
-    n_pad = _n_tiles(counts, tile, n_devices) * tile
+    n_pad = _n_tiles(counts, tile, mesh.size) * tile
     return n_pad**2 * (1.0 + overhead / tile)
 
   return min(sizes, key=cost)
@@ -567,12 +554,12 @@ def _n_tiles(counts, tile, n_devices):
   return -(-nb // n_devices) * n_devices
 
 
-def _cluster_sums(x, codes, n_classes, chunk_size):
+def _cluster_sums(x, codes, n_classes, chunk_size, mesh=None):
   """(n, C) float64 sums of distances from every point to every cluster."""
   n, d = x.shape
-  mesh = _mesh()
+  mesh = mesh or parallel.make_mesh()
   counts = np.bincount(codes, minlength=n_classes)
-  tile = _tile_size(counts, mesh.size, chunk_size)
+  tile = _tile_size(counts, mesh, chunk_size)
   nb = _n_tiles(counts, tile, mesh.size)
   # Sort by cluster; cluster c starts at a tile boundary, tile_start[c].
   tiles_per_cluster = -(-counts // tile)
@@ -589,14 +576,14 @@ def _cluster_sums(x, codes, n_classes, chunk_size):
   # Tiles past the last cluster (device rounding) hold only zero weights.
   tile_cluster = np.zeros(nb, np.int32)
   tile_cluster[:tiles_per_cluster.sum()] = np.repeat(np.arange(n_classes), tiles_per_cluster)
-  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  kernel = _jit_for(_sharded_cluster_sums, jax.devices()[0].platform, ("n_classes", "mesh"))
+  kernel = _jit_for(_sharded_cluster_sums, parallel.platform(mesh), ("n_classes", "mesh"))
   total, comp = kernel(
-      jax.device_put(np.arange(nb, dtype=np.int32), sharded),
-      _replicated(points.reshape(nb, tile, d), mesh),
-      _replicated(weights.reshape(nb, tile), mesh),
-      _replicated(tile_cluster, mesh), n_classes=n_classes, mesh=mesh)
-  sums = (_fetch(total).astype(np.float64) - _fetch(comp).astype(np.float64)).sum(axis=0)
+      jax.device_put(np.arange(nb, dtype=np.int32), parallel.batch_sharding(mesh)),
+      parallel.replicate(mesh, points.reshape(nb, tile, d)),
+      parallel.replicate(mesh, weights.reshape(nb, tile)),
+      parallel.replicate(mesh, tile_cluster), n_classes=n_classes, mesh=mesh)
+  total, comp = parallel.to_host((total, comp))
+  sums = (total.astype(np.float64) - comp.astype(np.float64)).sum(axis=0)
   return sums[:, pos].T
 
 
@@ -651,13 +638,52 @@ def neighbourhood_preservation(high_x, low_x, k=15, *, chunk_size=None):
   return kept / (n * k)
 
 
+def nearest(queries, reference, k, *, exclude_self=False, chunk_size=None, mesh=None):
+  """The exact k nearest reference points of every query (Euclidean), nearest first.
+
+  The one kNN engine of jaxembed: the metrics above and similar-image search
+  (jaxembed.search) use it. Candidates are found in float32 on the devices
+  (a leaf search for points of up to 3 dimensions, brute force otherwise)
+  and re-ranked by float64 distances on the host, as scikit-learn computes
+  them (see :func:`_nearest`).
+
+  Args:
+    queries: (m, d) points.
+    reference: (n, d) points to search.
+    k: neighbours per query (at most n, or n - 1 with ``exclude_self``).
+    exclude_self: the queries are the reference points themselves, in order:
+      query i does not count reference point i (other points at distance 0,
+      duplicates, still do).
+    chunk_size: query rows per step; see knn_predict.
+    mesh: the ``data`` mesh whose devices share the queries (default: all).
+
+  Returns:
+    (distances, indices): (m, k) float64 Euclidean distances and int64
+    indices into ``reference``.
+  """
+  queries = _as_points(queries, "queries")
+  reference = _as_points(reference, "reference")
+  if queries.shape[1] != reference.shape[1]:
+    raise ValueError(f"reference has {reference.shape[1]} dimensions but queries have "
+                     f"{queries.shape[1]}; both must come from the same space.")
+  if exclude_self and queries.shape[0] != reference.shape[0]:
+    raise ValueError(f"exclude_self needs the reference points as queries; got "
+                     f"{queries.shape[0]} queries for {reference.shape[0]} points.")
+  k = _check_k(k, reference.shape[0] - bool(exclude_self),
+               "other points" if exclude_self else "reference points")
+  query_index = np.arange(queries.shape[0]) if exclude_self else None
+  idx, d2 = _nearest(queries, reference, k, query_index, chunk_size, mesh)
+  return np.sqrt(d2), idx
+
+
 def _neighbours(x, k, chunk_size):
   """(n, k) indices of the k nearest other points of every point."""
-  return _nearest(x, x, k, np.arange(x.shape[0]), chunk_size)
+  return _nearest(x, x, k, np.arange(x.shape[0]), chunk_size)[0]
 
 
-def _nearest(queries, ref, k, query_index, chunk_size):
-  """(m, k) indices of the k nearest rows of `ref` to each query, nearest first.
+def _nearest(queries, ref, k, query_index, chunk_size, mesh=None):
+  """(m, k) indices of the k nearest rows of `ref` to each query, nearest first, and
+  their (m, k) float64 squared distances.
 
   Candidates are found in float32 on the devices: low-dimensional points by
   the leaf search, which certifies the set of the k nearest (k + 1
@@ -669,6 +695,7 @@ def _nearest(queries, ref, k, query_index, chunk_size):
   If `query_index` is given, query i is ref[query_index[i]] and excluded.
   """
   n_ref, d = ref.shape
+  mesh = mesh or parallel.make_mesh()
   available = n_ref - (query_index is not None)
   # The matmul expansion of high dimensions is less exact: keep more.
   k_out = min(available, k + 8 if d <= _DIRECT_MAX_DIM else 2 * k + 8)
@@ -676,15 +703,16 @@ def _nearest(queries, ref, k, query_index, chunk_size):
     if d > _DIRECT_MAX_DIM:
       # Centring shrinks the norms, and so the expansion's rounding error.
       centre = ref.mean(axis=0)
-      cand = _brute_nearest(queries - centre, query_index, ref - centre, k_out, chunk_size)
+      cand = _brute_nearest(queries - centre, query_index, ref - centre, k_out, chunk_size,
+                            mesh)
     else:
-      cand = _brute_nearest(queries, query_index, ref, k_out, chunk_size)
+      cand = _brute_nearest(queries, query_index, ref, k_out, chunk_size, mesh)
   else:
     # The leaf search certifies the set of the k nearest (see _leaf_knn), so
     # one more candidate suffices; selecting fewer is most of its cost.
     k_leaf = min(available, k + 1)
     ref_leaves = _pad_leaves(_leaves(ref, _LEAF_SIZE))
-    cand, ok = _leaf_nearest(queries, query_index, ref_leaves, k, k_leaf)
+    cand, ok = _leaf_nearest(queries, query_index, ref_leaves, k, k_leaf, mesh)
     redo = np.flatnonzero(~ok)
     if redo.size and redo.size * n_ref <= _HOST_MAX_PAIRS:
       # A few uncertified queries (typical below 10^5 points) cost less on
@@ -697,7 +725,7 @@ def _nearest(queries, ref, k, query_index, chunk_size):
       # A second, wider search with a pool per query certifies most of the
       # rest (outliers, cluster edges) far more cheaply than brute force.
       sub = None if query_index is None else query_index[redo]
-      cand_r, ok_r = _leaf_nearest(queries[redo], sub, ref_leaves, k, k_leaf, query_leaf=1,
+      cand_r, ok_r = _leaf_nearest(queries[redo], sub, ref_leaves, k, k_leaf, mesh, query_leaf=1,
                                    candidates=4 * _LEAF_CANDIDATES)
       cand[redo[ok_r]] = cand_r[ok_r]
       redo = redo[~ok_r]
@@ -706,7 +734,7 @@ def _nearest(queries, ref, k, query_index, chunk_size):
       cand = np.concatenate([cand, np.full((cand.shape[0], k_out - k_leaf), -1, cand.dtype)], 1)
       cand[redo] = _brute_nearest(
           queries[redo], None if query_index is None else query_index[redo], ref,
-          k_out, chunk_size)
+          k_out, chunk_size, mesh)
   return _rerank(queries, ref, cand, k, query_index)
 
 
@@ -732,8 +760,12 @@ def _rerank(queries, ref, cand, k, query_index):
   The candidates arrive nearest first by float32 distances, so most rows are
   already in float64 order; only the others are sorted (stably, so that
   equal distances keep the device's order either way).
+
+  Returns:
+    (m, k) indices, nearest first, and their (m, k) float64 squared distances.
   """
   out = np.empty((cand.shape[0], k), np.int64)
+  out_d2 = np.empty((cand.shape[0], k), np.float64)
   if ref.shape[1] <= _DIRECT_MAX_DIM:
     ref_columns = [ref[:, j].astype(np.float64) for j in range(ref.shape[1])]
   step = max(1, 2**22 // (cand.shape[1] * ref.shape[1]))  # bounded host memory
@@ -750,20 +782,21 @@ def _rerank(queries, ref, cand, k, query_index):
     if query_index is not None:
       bad |= c == np.asarray(query_index)[start:start + step, None]
     d2[bad] = np.inf
-    block = c[:, :k].copy()
+    block, block_d2 = c[:, :k].copy(), d2[:, :k].copy()
     unsorted = np.flatnonzero(np.any(d2[:, 1:] < d2[:, :-1], axis=1))
     order = np.argsort(d2[unsorted], axis=1, kind="stable")[:, :k]
     block[unsorted] = np.take_along_axis(c[unsorted], order, axis=1)
+    block_d2[unsorted] = np.take_along_axis(d2[unsorted], order, axis=1)
     out[start:start + step] = block
-  return out
+    out_d2[start:start + step] = block_d2
+  return out, out_d2
 
 
-def _brute_nearest(queries, query_index, ref, k, chunk_size):
+def _brute_nearest(queries, query_index, ref, k, chunk_size, mesh):
   """Exact kNN by chunks of (chunk x n_ref) float32 distances; see _nearest."""
   m = queries.shape[0]
-  mesh = _mesh()
-  chunk = _chunk_rows(ref.shape[0], m, mesh.size, chunk_size)
-  ref_d = _replicated(ref, mesh)
+  chunk = _chunk_rows(ref.shape[0], m, mesh, chunk_size)
+  ref_d = parallel.replicate(mesh, ref)
   exclude_self = query_index is not None
   index = (np.zeros(m, np.int32) if query_index is None
            else np.asarray(query_index, np.int32))[:, None]
@@ -772,7 +805,7 @@ def _brute_nearest(queries, query_index, ref, k, chunk_size):
                                  _query_chunks(index, chunk, mesh)):
     idx = _knn_chunk(q, qi[:, 0], ref_d, k=k, exclude_self=exclude_self)
     stop = min(start + chunk, m)
-    out[start:stop] = _fetch(idx)[:stop - start]
+    out[start:stop] = parallel.to_host(idx)[:stop - start]
   return out
 
 
@@ -830,7 +863,7 @@ def _pad_leaves(leaves):
           np.concatenate([hi, np.full((extra, hi.shape[1]), -np.inf, hi.dtype)]))
 
 
-def _leaf_nearest(queries, query_index, ref_leaves, k, k_out,
+def _leaf_nearest(queries, query_index, ref_leaves, k, k_out, mesh,
                   query_leaf=_QUERY_LEAF_SIZE, candidates=None):
   """Leaf kNN (see _leaf_knn): (m, k_out) indices, (m,) certified flags.
 
@@ -844,7 +877,6 @@ def _leaf_nearest(queries, query_index, ref_leaves, k, k_out,
       _LEAF_CANDIDATES).
   """
   m, d = queries.shape
-  mesh = _mesh()
   ref_pts, ref_idx, ref_lo, ref_hi = ref_leaves
   q_pts, q_pos, q_lo, q_hi = _leaves(queries, query_leaf)
   q_idx = q_pos if query_index is None else np.where(
@@ -872,8 +904,8 @@ def _leaf_nearest(queries, query_index, ref_leaves, k, k_out,
   candidates = _LEAF_CANDIDATES if candidates is None else candidates
   n_search = min(-(-max(candidates, 2 * k_out) // leaf), n_leaves)
   n_pool = min(n_search * _LEAF_POOL_FACTOR, n_leaves)
-  by_chunk = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  by_chunk = jax.sharding.NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+  replicated = parallel.replicated(mesh)
   # One transfer call for all operands: at 10^4 points the per-call overhead
   # of separate transfers was a fifth of the run time.
   query_side = [chunked(q_pts, 0), chunked(q_idx, -1), chunked(q_lo, 0), chunked(q_hi, 0)]
@@ -884,7 +916,7 @@ def _leaf_nearest(queries, query_index, ref_leaves, k, k_out,
       [by_chunk] * (4 * parts) + [replicated] * 4)
 
   def run(i):
-    return _fetch(_leaf_knn(
+    return parallel.to_host(_leaf_knn(
         *operands[4 * i:4 * i + 4], *operands[-4:], k=k, k_out=k_out, n_pool=n_pool,
         n_search=n_search, exclude_self=query_index is not None))
 

@@ -23,7 +23,10 @@ import glob
 import importlib.util
 import os
 
+from absl import logging
 import jax
+from jax._src import xla_bridge
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -111,6 +114,89 @@ def _cluster_detectable():
           and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
 
 
+# ---------------------------------------------------------------------- platform
+
+
+def platform(mesh=None):
+  """The platform ("cpu", "gpu" or "tpu") of the devices a program is compiled for.
+
+  The one place that decides which platform-specific path a program takes
+  (the CPU convolution workaround in models/cpu_conv.py, augmentation's
+  per-image scan, the evaluator's host threads and block sizes): it asks
+  the devices of ``mesh`` (or of ``jax.devices()`` when None), not the
+  backend JAX happens to run on, so that a program compiled here for a TPU
+  slice (compile-only devices, scripts/aot_compile.py) is the one a TPU
+  would run.
+  """
+  devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+  kinds = {_PLATFORM_NAMES.get(d.platform.lower(), d.platform.lower()) for d in devices}
+  if len(kinds) != 1:
+    raise ValueError(f"a mesh over devices of several platforms {sorted(kinds)}; use one kind")
+  return kinds.pop()
+
+
+# What ``Device.platform`` reports, by the names used here.
+_PLATFORM_NAMES = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "cpu": "cpu", "tpu": "tpu"}
+
+
+def uses_cpu_paths(mesh_or_platform=None):
+  """Whether programs for ``mesh_or_platform`` (a mesh, a platform name or None) run on CPUs."""
+  if isinstance(mesh_or_platform, str):
+    return _PLATFORM_NAMES.get(mesh_or_platform, mesh_or_platform) == "cpu"
+  return platform(mesh_or_platform) == "cpu"
+
+
+# XLA:GPU's switch for run-to-run identical results (jaxlib 0.10 still has it;
+# it implies --xla_gpu_exclude_nondeterministic_ops, openxla/xla#12520): no
+# atomics-based scatters and reductions, and no autotuning, whose kernel
+# choice can change between runs. Only XLA:GPU reads it.
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def enable_deterministic_ops():
+  """Adds XLA's deterministic-ops flag to ``XLA_FLAGS`` (``train.deterministic``).
+
+  XLA reads ``XLA_FLAGS`` once, when JAX starts its backend (the first
+  computation, or ``jax.devices()``), so this must run before that:
+  ``python -m jaxembed.train`` calls it first thing. Called later, the
+  flag can no longer take effect: on a GPU that is an error (exact resume
+  was asked for and cannot be given); elsewhere it only warns, since only
+  XLA:GPU reads the flag.
+
+  Returns:
+    True if the flag is in effect for this process's backend.
+
+  Raises:
+    ValueError: the backend already runs on GPUs without the flag.
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  if any(tok in (DETERMINISTIC_FLAG, "--xla_gpu_deterministic_ops")
+         for tok in current.split()):
+    return True
+  if _backend_started():
+    if platform() == "gpu":
+      raise ValueError(
+          "train.deterministic=True needs XLA_FLAGS set before JAX starts its GPU backend, "
+          "and it has started already; set XLA_FLAGS=" + DETERMINISTIC_FLAG + " in the "
+          "environment, or call jaxembed.parallel.enable_deterministic_ops() before any JAX "
+          "computation")
+    logging.warning("train.deterministic: the JAX backend has started, so %s cannot take "
+                    "effect; the %s backend does not read it", DETERMINISTIC_FLAG, platform())
+    return False
+  os.environ["XLA_FLAGS"] = (current + " " + DETERMINISTIC_FLAG).strip()
+  return True
+
+
+def _backend_started():
+  try:
+    return xla_bridge.backends_are_initialized()
+  except AttributeError:  # another jax: assume the worst
+    return True
+
+
+# -------------------------------------------------------------------------- mesh
+
+
 def make_mesh(num_devices=None):
   """A 1-D ``data`` mesh over all (or the first ``num_devices``) devices."""
   devices = jax.devices()
@@ -171,11 +257,10 @@ def replicate(mesh, tree):
 
 
 def to_host(x):
-  """Fetches a (possibly multi-host) global array as one NumPy array on every process."""
+  """Fetches (possibly multi-host) global arrays, a pytree, as NumPy arrays on every process."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(np.asarray, jax.device_get(x))  # one transfer call for the whole tree
 
 
 def is_main_process():

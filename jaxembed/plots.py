@@ -5,6 +5,9 @@ import io
 import json
 
 import numpy as np
+from PIL import Image
+
+from jaxembed import files
 
 
 def _label_colors(labels):
@@ -22,19 +25,31 @@ def point_size(n):
 
 
 def scatter_png(path, xy, labels=None, title=None, images=None, num_thumbnails=0, seed=0):
-  """Scatter plot of (N, 2) points coloured by label, with a legend; optional image thumbnails."""
+  """Writes :func:`scatter_image` to ``path`` (atomically); returns the PNG bytes."""
+  png = scatter_image(xy, labels, title, images, num_thumbnails, seed)
+  files.write_bytes(path, png)
+  return png
+
+
+def scatter_image(xy, labels=None, title=None, images=None, num_thumbnails=0, seed=0):
+  """Scatter plot of (N, 2) points coloured by label, with a legend; optional image thumbnails.
+
+  Returns:
+    The picture as PNG bytes.
+  """
+  # Deferred: importing matplotlib takes about a second (0.9-1.5 s measured on
+  # the 2-core VM), which every command importing this module would pay.
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from matplotlib import offsetbox  # pylint: disable=g-import-not-at-top
+  from matplotlib import figure, offsetbox  # pylint: disable=g-import-not-at-top
   xy = np.asarray(xy, np.float32)
-  fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
+  fig = figure.Figure(figsize=(7, 7), dpi=110)
+  ax = fig.subplots()
   s = point_size(len(xy))
   if labels is None:
     ax.scatter(xy[:, 0], xy[:, 1], s=s, c="0.3", linewidths=0, rasterized=True)
   else:
     cats, inv = _label_colors(labels)
-    cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if len(cats) <= 10 else "tab20"]
     for i, cat in enumerate(cats):
       sel = inv == i
       ax.scatter(xy[sel, 0], xy[sel, 1], s=s, color=cmap(i % cmap.N), linewidths=0,
@@ -49,12 +64,11 @@ def scatter_png(path, xy, labels=None, title=None, images=None, num_thumbnails=0
       img = img[..., 0] if img.shape[-1] == 1 else img
       box = offsetbox.OffsetImage(img, zoom=24.0 / max(img.shape[:2]), cmap="gray")
       ax.add_artist(offsetbox.AnnotationBbox(box, xy[i], frameon=False))
-  save_map_figure(fig, ax, path, title)
+  return map_figure_png(fig, ax, title)
 
 
-def save_map_figure(fig, ax, path, title=None):
-  """Equal axes without ticks, an optional title, then the figure as a PNG (atomically)."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+def map_figure_png(fig, ax, title=None):
+  """Equal axes without ticks and an optional title; returns the figure as PNG bytes."""
   ax.set_aspect("equal", adjustable="datalim")
   ax.set_xticks([])
   ax.set_yticks([])
@@ -63,21 +77,13 @@ def save_map_figure(fig, ax, path, title=None):
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png")
-  plt.close(fig)
-  _write_bytes(path, buf.getvalue())
+  return buf.getvalue()
 
 
-def read_png(path):
-  """A PNG file as a uint8 (H, W, 3) array (for TensorBoard image summaries)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as img:
+def decode_png(data):
+  """PNG bytes as a uint8 (H, W, 3) array (for TensorBoard image summaries)."""
+  with Image.open(io.BytesIO(data)) as img:
     return np.asarray(img.convert("RGB"))
-
-
-def _write_bytes(path, data):
-  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
-  with workdir.atomic_open(path, "wb") as f:
-    f.write(data)
 
 
 def thumbnail_uris(images, max_side=64):
@@ -87,7 +93,6 @@ def thumbnail_uris(images, max_side=64):
   (the page scales them up with crisp pixels), which keeps a page of tens
   of thousands of thumbnails small.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   uris = []
   for img in images:
     img = np.asarray(img)
@@ -128,14 +133,13 @@ def embedding_html(path, xy, labels=None, ids=None, split=None, images=None, tit
       lists the nearest points on the map.
     class_names: optional names of the label values, for the legend.
   """
-  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
   xy = np.asarray(xy, np.float32)
   n = len(xy)
   if xy.ndim != 2 or xy.shape[1] < 2:
     raise ValueError(f"xy must be an (N, 2) array, got shape {xy.shape}")
   if labels is not None:
     cats, inv = _label_colors(labels)
-    label_text = workdir.label_strings(labels).tolist()
+    label_text = files.label_strings(labels).tolist()
     names = [str(c) for c in cats]
     if class_names:
       names = [f"{c} {class_names[int(c)]}" if 0 <= int(c) < len(class_names) else str(c)
@@ -169,7 +173,7 @@ def embedding_html(path, xy, labels=None, ids=None, split=None, images=None, tit
   }
   page = _HTML.replace("__TITLE__", _escape(title)).replace(
       "__DATA__", json.dumps(payload, separators=(",", ":")).replace("</", "<\\/"))
-  _write_bytes(path, page.encode("utf-8"))
+  files.write_bytes(path, page.encode("utf-8"))
 
 
 def _escape(text):
@@ -306,3 +310,27 @@ const scale0 = scale;
 draw();
 </script></body></html>
 """
+
+
+def neighbour_strip(path, query_image, images, captions, query_caption="query"):
+  """A PNG row: the query image, then its neighbours, each with a caption (written atomically)."""
+  # Deferred, as in scatter_image.
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  items = [(query_image, query_caption)] + list(zip(images, captions))
+  fig = figure.Figure(figsize=(1.3 * len(items), 1.7), dpi=110)
+  axes = fig.subplots(1, len(items), squeeze=False)
+  for ax, (img, cap) in zip(axes[0], items):
+    img = np.asarray(img)
+    if img.size:
+      ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
+                interpolation="nearest")
+    ax.set_title(cap, fontsize=6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for spine in axes[0][0].spines.values():
+    spine.set_edgecolor("red")
+    spine.set_linewidth(2)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  files.write_bytes(path, buf.getvalue())

@@ -1,11 +1,10 @@
 """Finding images by similarity: exact nearest neighbours, near-duplicates and outliers of a run.
 
-``nearest`` is an exact brute-force search on the accelerator: the index is
-split over the devices of the ``data`` mesh, every device keeps the top k of
-its shard block by block (so memory stays bounded for large index sets),
-and the per-device candidates are merged. ``near_duplicates`` and
-``outliers`` build on it and return tables (dicts of equal-length arrays)
-that ``write_table`` turns into CSV.
+``nearest`` is an exact search by jaxembed.evaluate's kNN engine (the one
+that scores the maps): candidates in float32 on the devices, the queries
+split over the ``data`` mesh, re-ranked by float64 distances.
+``near_duplicates`` and ``outliers`` build on it and return tables (dicts of
+equal-length arrays) that ``write_table`` turns into CSV.
 
 Command line::
 
@@ -18,16 +17,18 @@ neighbours and saves a PNG strip of the query and its neighbours.
 """
 
 import csv
-import functools
-import io
 import os
 
-import jax
-import jax.numpy as jnp
+from absl import flags
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
-from jaxembed import parallel
+from jaxembed import cli
+from jaxembed import evaluate
+from jaxembed import files
+from jaxembed import plots
+from jaxembed import runs
+from jaxembed import workdir as workdir_lib
+from jaxembed.data import convert
 
 METRICS = ("euclidean", "cosine")
 
@@ -47,77 +48,38 @@ def _check_matrix(x, name):
   return x
 
 
-def _normalise(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-@functools.lru_cache(maxsize=32)
-def _search_fn(mesh, k, metric, block, num_blocks):
-  """Jitted (queries, index, valid) -> (distances, indices) for one query chunk."""
-
-  def local(q, x, valid):
-    # q: (m, d) replicated; x: (num_blocks * block, d) this device's shard.
-    shard = jax.lax.axis_index(parallel.DATA_AXIS)
-    base = shard * num_blocks * block
-    qq = jnp.sum(q * q, axis=1, keepdims=True)
-
-    def body(carry, b):
-      best_d, best_i = carry
-      xb = jax.lax.dynamic_slice_in_dim(x, b * block, block)
-      vb = jax.lax.dynamic_slice_in_dim(valid, b * block, block)
-      dot = jnp.dot(q, xb.T, precision=jax.lax.Precision.HIGHEST)
-      if metric == "cosine":
-        d = 1.0 - dot
-      else:
-        d = jnp.maximum(qq + jnp.sum(xb * xb, axis=1)[None] - 2.0 * dot, 0.0)
-      d = jnp.where(vb[None], d, jnp.inf)
-      idx = base + b * block + jnp.arange(block, dtype=jnp.int32)
-      cand_d = jnp.concatenate([best_d, d], axis=1)
-      cand_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, d.shape)], axis=1)
-      neg, pos = jax.lax.top_k(-cand_d, k)
-      return (-neg, jnp.take_along_axis(cand_i, pos, axis=1)), None
-
-    init = (jnp.full((q.shape[0], k), jnp.inf, jnp.float32),
-            jnp.full((q.shape[0], k), -1, jnp.int32))
-    (best_d, best_i), _ = jax.lax.scan(body, init, jnp.arange(num_blocks))
-    return best_d[None], best_i[None]
-
-  sharded = jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(P(), P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
-      out_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)), check_vma=False)
-
-  def fn(q, x, valid):
-    if metric == "cosine":
-      q = _normalise(q)
-    d, i = sharded(q, x, valid)     # (ndev, m, k) each
-    d = jnp.moveaxis(d, 0, 1).reshape(q.shape[0], -1)
-    i = jnp.moveaxis(i, 0, 1).reshape(q.shape[0], -1)
-    neg, pos = jax.lax.top_k(-d, k)                            # merge the devices' candidates
-    return -neg, jnp.take_along_axis(i, pos, axis=1)
-
-  repl = parallel.replicated(mesh)
-  return jax.jit(fn, in_shardings=(repl, parallel.batch_sharding(mesh),
-                                   parallel.batch_sharding(mesh)),
-                 out_shardings=(repl, repl))
-
-
 def nearest(index_features, query_features, k=10, metric="euclidean", mesh=None,
-            query_chunk=1024, block=8192):
-  """The exact ``k`` nearest index rows of every query row (brute force on the devices).
+            query_chunk=None):
+  """The exact ``k`` nearest index rows of every query row.
+
+  Uses the kNN engine of jaxembed.evaluate (float32 candidates on the
+  devices, re-ranked by float64 distances on the host); cosine distances
+  rank as Euclidean distances between rows scaled to unit length.
 
   Args:
     index_features: (n, d) array to search in.
     query_features: (m, d) queries.
     k: neighbours per query (at most n).
     metric: "euclidean" (distance) or "cosine" (1 - cosine similarity).
-    mesh: the ``data`` mesh; default all devices. The index is split over it.
-    query_chunk: queries per device call (bounds the (queries x block) tile).
-    block: index rows per device compared at once.
+    mesh: the ``data`` mesh whose devices share the queries; default all devices.
+    query_chunk: queries per device call; None keeps each block of distances
+      near 64 MiB per device (1 GiB on accelerators).
   Returns:
-    (distances, indices): (m, k) float32 and int64, nearest first. Ties are
-    broken towards the lower index within a block.
+    (distances, indices): (m, k) float32 and int64, nearest first.
   """
+  return _search(index_features, query_features, k, metric, mesh, query_chunk,
+                 exclude_self=False)
+
+
+def self_neighbours(x, k, metric="euclidean", mesh=None):
+  """The k nearest *other* rows of every row of x: (distances, indices), each (n, k).
+
+  A row is never its own neighbour; an exact duplicate of it is (at distance 0).
+  """
+  return _search(x, x, min(k, len(x) - 1), metric, mesh, None, exclude_self=True)
+
+
+def _search(index_features, query_features, k, metric, mesh, query_chunk, exclude_self):
   if metric not in METRICS:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
   x = _check_matrix(index_features, "index_features")
@@ -125,66 +87,24 @@ def nearest(index_features, query_features, k=10, metric="euclidean", mesh=None,
   if x.shape[1] != q.shape[1]:
     raise ValueError(f"index_features have {x.shape[1]} columns but query_features "
                      f"{q.shape[1]}; both must come from the same space")
-  n = len(x)
+  n = len(x) - bool(exclude_self)
   if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
     raise ValueError(f"k must be an integer in [1, {n}] (the index size), got {k!r}")
   if len(q) == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-  mesh = mesh or parallel.make_mesh()
-  ndev = mesh.devices.size
   if metric == "cosine":
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  per_dev = -(-n // ndev)
-  block = int(max(k, min(block, per_dev)))
-  num_blocks = -(-per_dev // block)
-  padded = ndev * num_blocks * block
-  xp = np.zeros((padded, x.shape[1]), np.float32)
-  valid = np.zeros((padded,), bool)
-  # Rows are laid out so that device s holds the contiguous range [s*per, (s+1)*per).
-  per = num_blocks * block
-  for s in range(ndev):
-    rows = np.arange(s * per_dev, min(n, (s + 1) * per_dev))
-    xp[s * per:s * per + len(rows)] = x[rows]
-    valid[s * per:s * per + len(rows)] = True
-  # Map padded positions back to original rows.
-  back = np.full((padded,), -1, np.int64)
-  for s in range(ndev):
-    rows = np.arange(s * per_dev, min(n, (s + 1) * per_dev))
-    back[s * per:s * per + len(rows)] = rows
-  fn = _search_fn(mesh, int(k), metric, block, num_blocks)
-  xg = parallel.global_from_full(mesh, xp)
-  vg = parallel.global_from_full(mesh, valid)
-  ds, is_ = [], []
-  for start in range(0, len(q), query_chunk):
-    d, i = fn(q[start:start + query_chunk], xg, vg)
-    ds.append(np.asarray(jax.device_get(d)))
-    is_.append(np.asarray(jax.device_get(i)))
-  d, i = np.concatenate(ds), back[np.concatenate(is_)]
-  if metric == "euclidean":
-    d = np.sqrt(d)
+    x, q = _unit_rows(x), _unit_rows(q)
+  d, i = evaluate.nearest(q, x, int(k), exclude_self=exclude_self, chunk_size=query_chunk,
+                          mesh=mesh)
+  if metric == "cosine":
+    d = d * d / 2.0  # |a - b|^2 = 2 - 2 cos(a, b) for unit vectors
   return d.astype(np.float32), i
 
 
-def self_neighbours(x, k, metric="euclidean", mesh=None):
-  """The k nearest *other* rows of every row of x: (distances, indices), each (n, k)."""
-  k_eff = min(k + 1, len(x))
-  d, i = nearest(x, x, k_eff, metric=metric, mesh=mesh)
-  return drop_self(d, i, k_eff - 1)
-
-
-def drop_self(d, i, k):
-  """Removes each row's own index from a self-search result and keeps k columns.
-
-  With exact duplicates the row itself need not come first, so it is
-  removed wherever it is (or the last column, where it is absent).
-  """
-  n = len(i)
-  is_self = i == np.arange(n)[:, None]
-  drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), i.shape[1] - 1)
-  keep = np.ones_like(is_self)
-  keep[np.arange(n), drop] = False
-  cols = i.shape[1] - 1
-  return (d[keep].reshape(n, cols)[:, :k], i[keep].reshape(n, cols)[:, :k])
+def _unit_rows(x):
+  """Rows scaled to unit length (in float64), as float32; zero rows stay zero."""
+  x = x.astype(np.float64)
+  return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 # ------------------------------------------------------------------ duplicates
@@ -278,12 +198,11 @@ def _distance(a, b, metric):
 
 
 def _add_columns(table, i, j, ids=None, labels=None, split=None):
-  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
   if ids is not None:
     ids = np.asarray(ids).astype(str)
     table["id_i"], table["id_j"] = ids[i], ids[j]
   if labels is not None:
-    lab = workdir.label_strings(labels)
+    lab = files.label_strings(labels)
     table["label_i"], table["label_j"] = lab[i], lab[j]
   if split is not None:
     table["split_i"], table["split_j"] = split[i], split[j]
@@ -335,11 +254,10 @@ def outliers(embedding, labels=None, k=15, disagreement=0.5, isolation=3.0, ids=
   known = np.zeros(n, bool)
   label_strs = None
   if labels is not None:
-    from jaxembed import workdir  # pylint: disable=g-import-not-at-top
     labels = np.asarray(labels)
     if len(labels) != n:
       raise ValueError(f"{len(labels)} labels for {n} points; pass one label per point")
-    label_strs = workdir.label_strings(labels)
+    label_strs = files.label_strings(labels)
     codes = np.unique(label_strs, return_inverse=True)[1].reshape(-1)
     known = (labels.reshape(n, -1) >= 0).all(axis=1)
     frac = (codes[nb] != codes[:, None]).mean(axis=1).astype(np.float32)
@@ -383,10 +301,9 @@ def outliers(embedding, labels=None, k=15, disagreement=0.5, isolation=3.0, ids=
 
 def write_table(path, table):
   """Writes a table (dict of equal-length 1-D arrays) as CSV, atomically."""
-  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
   cols = list(table)
   n = len(table[cols[0]]) if cols else 0
-  with workdir.atomic_open(path, "w") as f:
+  with files.atomic_open(path, "w") as f:
     w = csv.writer(f)
     w.writerow(cols)
     for r in range(n):
@@ -402,41 +319,10 @@ def write_table(path, table):
       w.writerow(row)
 
 
-# ------------------------------------------------------------------ strip image
-
-
-def neighbour_strip(path, query_image, images, captions, query_caption="query"):
-  """A PNG row: the query image, then its neighbours, each with a caption."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from jaxembed import plots  # pylint: disable=g-import-not-at-top
-  items = [(query_image, query_caption)] + list(zip(images, captions))
-  fig, axes = plt.subplots(1, len(items), figsize=(1.3 * len(items), 1.7), dpi=110,
-                           squeeze=False)
-  for ax, (img, cap) in zip(axes[0], items):
-    img = np.asarray(img)
-    if img.size:
-      ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
-                interpolation="nearest")
-    ax.set_title(cap, fontsize=6)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  for spine in axes[0][0].spines.values():
-    spine.set_edgecolor("red")
-    spine.set_linewidth(2)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png")
-  plt.close(fig)
-  plots._write_bytes(path, buf.getvalue())  # pylint: disable=protected-access
-
-
 # ------------------------------------------------------------------------- CLI
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Run directory written by jaxembed.train.")
   flags.DEFINE_string("query", None, "Image file (PNG, JPEG, ...), .npy of one image, or an id "
                       "from the embeddings file.")
@@ -456,9 +342,6 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from jaxembed import cli  # pylint: disable=g-import-not-at-top
-  from jaxembed import export  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if not f.workdir:
     cli.fail("--workdir is required (a run directory written by jaxembed.train)")
@@ -489,11 +372,9 @@ def main(argv):
     if not os.path.exists(f.query):
       cli.fail(f"--query {f.query!r} is neither a file nor an id in {emb_path} "
                f"(ids look like {ids[0]!r})")
-    from jaxembed import trainer  # pylint: disable=g-import-not-at-top
-    model, variables, config, _ = trainer.load_trained(f.workdir, f.step)
-    run = export.run_info(f.workdir)
-    query_image = export.read_query_image(f.query, config, run)
-    out = export.embed_images(model, variables, query_image, config)
+    model, variables, config, _ = runs.load_trained(f.workdir, f.step)
+    query_image = runs.read_query_image(f.query, config, runs.run_record(f.workdir))
+    out = runs.embed_images(model, variables, query_image, config)
     query = out["features"] if f.space == "features" else out["z"][:, :2]
     if query.shape[1] != index.shape[1]:
       cli.fail(f"the model's {f.space} have {query.shape[1]} dimensions but {emb_path} has "
@@ -504,16 +385,15 @@ def main(argv):
   print(f"query: {f.query}  ({f.space}, {metric}, {len(index)} images)")
   print(f"{'rank':>4}  {'distance':>10}  {'label':>6}  {'split':>6}  id")
   labels = stored.get("labels")
-  from jaxembed import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  lab = workdir_lib.label_strings(labels) if labels is not None else [""] * len(ids)
+  lab = files.label_strings(labels) if labels is not None else [""] * len(ids)
   split = stored.get("split", np.array([""] * len(ids))).astype(str)
   for r, (dist, j) in enumerate(zip(d, nb), 1):
     print(f"{r:>4}  {dist:>10.5f}  {lab[j]:>6}  {split[j]:>6}  {ids[j]}")
   # The picture: the images behind the ids.
   try:
-    images_by_id = export.images_for_ids(f.workdir, [ids[j] for j in nb]
-                                         + ([ids[q_row]] if q_row is not None else []),
-                                         data=f.data)
+    images_by_id = runs.images_for_ids(f.workdir, [ids[j] for j in nb]
+                                       + ([ids[q_row]] if q_row is not None else []),
+                                       data=f.data)
   except (ValueError, OSError) as e:
     print(f"warning: no picture: cannot load the images ({e})", flush=True)
     return
@@ -523,18 +403,15 @@ def main(argv):
   name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
   out_png = f.out or os.path.join(f.workdir, "search", f"{name}.png")
   os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  neighbour_strip(out_png, query_image, [images_by_id[ids[j]] for j in nb],
-                  [f"{dist:.3g} / {lab[j]}" for dist, j in zip(d, nb)])
+  plots.neighbour_strip(out_png, query_image, [images_by_id[ids[j]] for j in nb],
+                        [f"{dist:.3g} / {lab[j]}" for dist, j in zip(d, nb)])
   print(f"Picture of the query and its neighbours: {out_png}")
 
 
 def run():
-  from jaxembed import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  from jaxembed import workdir  # pylint: disable=g-import-not-at-top
-  from jaxembed.data import DataError  # pylint: disable=g-import-not-at-top
   cli.run(main, user_errors=(ValueError, TypeError, KeyError, FileNotFoundError,
-                             workdir.WorkdirError, DataError))
+                             workdir_lib.WorkdirError, convert.DataError))
 
 
 if __name__ == "__main__":

@@ -13,18 +13,21 @@ import json
 import time
 
 import numpy as np
+from PIL import Image
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import tensor_pb2
+from tensorboard.compat.proto import tensor_shape_pb2
+from tensorboard.summary.writer import event_file_writer
 
 
 class TensorBoardWriter:
   """Writes scalars, images and the config as TensorBoard events (no TensorFlow needed)."""
 
   def __init__(self, logdir):
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
-    self._writer = EventFileWriter(logdir)
+    self._writer = event_file_writer.EventFileWriter(logdir)
 
   def _add(self, step, values):
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, **v) for t, v in values])
     self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
@@ -33,8 +36,6 @@ class TensorBoardWriter:
 
   def write_images(self, step, images):
     """``images``: tag -> uint8 (N, H, W, 3) array; the first image of each is written."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
     values = []
     for tag, arr in images.items():
       img = np.asarray(arr)[0]
@@ -47,9 +48,6 @@ class TensorBoardWriter:
 
   def write_hparams(self, hparams):
     """The config, as a text summary (readable in TensorBoard's Text tab)."""
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import tensor_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import tensor_shape_pb2  # pylint: disable=g-import-not-at-top
     text = "```\n" + json.dumps(hparams, indent=1, sort_keys=True, default=str) + "\n```"
     tensor = tensor_pb2.TensorProto(
         dtype=7, string_val=[text.encode()],  # 7 = DT_STRING
@@ -91,6 +89,7 @@ def create_writer(workdir, kind="tensorboard", main_process=True):
   if kind == "tensorboard":
     return TensorBoardWriter(workdir)
   if kind == "clu":
+    # Deferred: clu.metric_writers imports TensorFlow (8.7 s on the 2-core VM).
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     return metric_writers.create_default_writer(workdir, asynchronous=True)
   raise ValueError(f"unknown logging.writer {kind!r}; use 'tensorboard' or 'clu'")

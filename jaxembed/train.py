@@ -9,6 +9,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxembed import cli
+from jaxembed import configlib
+from jaxembed import parallel
+from jaxembed import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/digits.py or configs/medmnist.py:bloodmnist.",
@@ -23,17 +26,14 @@ def main(argv):
     cli.fail("--config is required, e.g. --config configs/digits.py")
   if not _WORKDIR.value:
     cli.fail("--workdir is required, e.g. --workdir runs/digits")
-  from jaxembed import parallel  # pylint: disable=g-import-not-at-top
-  from jaxembed import trainer  # pylint: disable=g-import-not-at-top
-  if config.get("train", {}).get("deterministic", False):
+  if configlib.train_option(config, "deterministic"):
     # XLA reads XLA_FLAGS when the backend starts: before initialize() and any computation.
-    trainer.enable_deterministic_ops()
+    parallel.enable_deterministic_ops()
   parallel.initialize()
   trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
 def run():
-  from jaxembed import trainer  # pylint: disable=g-import-not-at-top
   cli.run(main, user_errors=(ValueError, TypeError, KeyError, FileNotFoundError,
                              trainer.TrainingError))
 

@@ -5,7 +5,6 @@ interrupted run never leaves a half-written file that looks complete;
 ``metrics.json`` is written last and marks a finished run.
 """
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -15,9 +14,17 @@ import platform
 import sys
 import tempfile
 
+import flax
+import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
+from configs import common
 from jaxembed import configlib
+from jaxembed import files
+from jaxembed import plots
+from jaxembed import version
 
 
 class WorkdirError(ValueError):
@@ -52,37 +59,6 @@ def prepare_workdir(path):
   return path
 
 
-@contextlib.contextmanager
-def atomic_open(path, mode="w"):
-  """Opens a temporary file next to ``path`` and renames it onto ``path`` on success."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-  try:
-    with os.fdopen(fd, mode) as f:
-      yield f
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-
-
-def write_json(path, obj):
-  with atomic_open(path) as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    f.write("\n")
-
-
-def _json_default(x):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
-
-
 def data_hash(ds):
   """SHA-256 over the images and labels of both splits: identifies the data a run used."""
   h = hashlib.sha256()
@@ -93,13 +69,8 @@ def data_hash(ds):
   return h.hexdigest()
 
 
-def run_record(config, ds, stats):
+def new_run_record(config, ds, stats):
   """What config.json keeps beside the config: versions, data hash and statistics."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  import jaxembed  # pylint: disable=g-import-not-at-top
   return {
       "format_version": config.format_version,
       "seed": config.seed,
@@ -109,7 +80,7 @@ def run_record(config, ds, stats):
       "num_test": int(len(ds.test_images)),
       "image_shape": list(ds.image_shape),
       "versions": {
-          "jaxembed": jaxembed.__version__, "jax": jax.__version__, "flax": flax.__version__,
+          "jaxembed": version.__version__, "jax": jax.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "orbax": getattr(ocp, "__version__", "?"),
           "python": platform.python_version(),
       },
@@ -142,12 +113,11 @@ def check_or_write_config(workdir, config, run_info, write=True):
           "resume it")
     return
   if write:
-    write_json(path, dict(new, run=run_info))
+    files.write_json(path, dict(new, run=run_info))
 
 
 def _defaults():
   """Every field at its default (configs/common.py), as config.json stores them."""
-  from configs import common  # pylint: disable=g-import-not-at-top
   return json.loads(configlib.to_json(common.get_config()))
 
 
@@ -178,12 +148,6 @@ def load_config(workdir):
     return configlib.from_json(f.read())
 
 
-def load_run_record(workdir):
-  """The ``run`` part of config.json: data statistics, sizes, versions, data hash."""
-  with open(os.path.join(workdir, CONFIG)) as f:
-    return json.load(f)["run"]
-
-
 def is_complete(workdir):
   return all(os.path.isfile(os.path.join(workdir, f)) for f in (METRICS, EMBEDDINGS))
 
@@ -202,15 +166,7 @@ def read_stage_metrics(workdir):
 
 
 def write_stage_metrics(workdir, stage_metrics):
-  write_json(os.path.join(workdir, STAGE_METRICS), stage_metrics)
-
-
-def label_strings(labels):
-  """Labels as strings for CSV/HTML: ints as is, multi-label rows joined by ';'."""
-  labels = np.asarray(labels)
-  if labels.ndim == 2:
-    return np.array([";".join(str(int(v)) for v in row) for row in labels])
-  return np.array([str(v) for v in labels.tolist()])
+  files.write_json(os.path.join(workdir, STAGE_METRICS), stage_metrics)
 
 
 def write_embeddings(path_npz, out, labels, split, ids):
@@ -225,13 +181,13 @@ def write_embeddings(path_npz, out, labels, split, ids):
             "ids": np.asarray(ids).astype(str)}
   buf = io.BytesIO()
   np.savez_compressed(buf, **arrays)
-  with atomic_open(path_npz, "wb") as f:
+  with files.atomic_open(path_npz, "wb") as f:
     f.write(buf.getvalue())
   path_csv = os.path.splitext(path_npz)[0] + ".csv"
-  with atomic_open(path_csv, "w") as f:
+  with files.atomic_open(path_csv, "w") as f:
     w = csv.writer(f)
     w.writerow(["id", "split", "label", "x", "y"] + [f"head_{i}" for i in range(z.shape[1])])
-    lab = label_strings(labels)
+    lab = files.label_strings(labels)
     emb = arrays["embedding"]
     for i in range(len(z)):
       xy = [f"{emb[i, 0]:.6g}", f"{emb[i, 1]:.6g}" if emb.shape[1] > 1 else ""]
@@ -241,23 +197,28 @@ def write_embeddings(path_npz, out, labels, split, ids):
 
 
 def write_run_outputs(workdir, config, ds, train_out, test_out, metrics):
-  """The final files of a training run; metrics.json last."""
-  from jaxembed import plots  # pylint: disable=g-import-not-at-top
+  """The final files of a training run; metrics.json last.
+
+  Returns:
+    The PNG bytes of the map (embedding.png), or None without plots.
+  """
   out = {k: np.concatenate([train_out[k], test_out[k]]) for k in ("z", "features")}
   labels = np.concatenate([ds.train_labels, ds.test_labels])
   split = np.array(["train"] * len(ds.train_labels) + ["test"] * len(ds.test_labels))
   ids = np.concatenate([ds.train_ids, ds.test_ids])
+  png = None
   arrays = write_embeddings(os.path.join(workdir, EMBEDDINGS), out, labels, split, ids)
   if config.outputs.plots:
     images = np.concatenate([ds.train_images, ds.test_images])
     title = f"t-SimCNE, {ds.name}: kNN {metrics.get('knn_accuracy', float('nan')):.3f}, " \
             f"silhouette {metrics.get('silhouette', float('nan')):.3f} (test split)"
-    plots.scatter_png(os.path.join(workdir, "embedding.png"), arrays["embedding"], labels,
-                      title=title)
+    png = plots.scatter_png(os.path.join(workdir, "embedding.png"), arrays["embedding"], labels,
+                            title=title)
     plots.embedding_html(os.path.join(workdir, "embedding.html"), arrays["embedding"], labels,
                          arrays["ids"], split,
                          images=images if config.outputs.html_thumbnails else None, title=title)
-  write_json(os.path.join(workdir, METRICS), metrics)
+  files.write_json(os.path.join(workdir, METRICS), metrics)
+  return png
 
 
 def print_summary(workdir, metrics):

@@ -48,7 +48,6 @@ def main():
   results_io.request_cpu_devices(args.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from jaxembed import losses, parallel  # pylint: disable=g-import-not-at-top
 
   n_dev = jax.device_count()

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jaxembed import models  # noqa: E402  pylint: disable=g-import-not-at-top
 import results_io  # noqa: E402  pylint: disable=g-import-not-at-top
 

@@ -7,9 +7,9 @@ gradient clipping by value 4: the reference recipe). Both sides run
 ResNet-18 with the CIFAR stem, the 512-1024-128 projector, on the same
 uint8 images:
 
-* jaxembed: the jitted step of jaxembed.trainer.make_train_step, built as
-  trainer.train_and_evaluate builds it (configs/common.py, the reference
-  recipe), on device-resident images gathered by index, augmentation inside
+* jaxembed: the jitted step of jaxembed.train_step.make_train_step, built
+  by jaxembed.train_state.setup_stage as the trainer builds it
+  (configs/common.py, the reference recipe), on device-resident images gathered by index, augmentation inside
   the step.
 * tsimcne (in the torch interpreter, scripts/torch_side.py): its
   ``PLtSimCNE`` model, ``InfoNCECauchy`` loss and optimiser, its
@@ -60,12 +60,10 @@ CASES = {"cifar": dict(size=32, batch=256), "digits": dict(size=16, batch=128)}
 
 def jax_worker(args):
   """The jaxembed side: READY after a compiled warm-up step, then ``run N`` requests."""
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  from jaxembed import configlib, losses, models, parallel, trainer  # pylint: disable=g-import-not-at-top
+  from jaxembed import configlib, parallel, schedule, train_state  # pylint: disable=g-import-not-at-top
   from jaxembed import data as data_lib  # pylint: disable=g-import-not-at-top
   from jaxembed.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -78,17 +76,11 @@ def jax_worker(args):
   config.model.input_mean, config.model.input_std = stats["mean"], stats["std"]
   mesh = parallel.make_mesh()
   spe = pipeline.steps_per_epoch(n, config.batch_size)
-  stage = trainer.build_stages(configlib.stages(config), spe)[0]
-  model = models.create_model(config.model, head_dim=stage.head_dim)
+  stage = schedule.build_stages(configlib.stages(config), spe)[0]
   root_key = jax.random.key(config.seed)
-  variables = trainer.init_variables(model, jax.random.fold_in(root_key, 0), images.shape[1:])
-  tx = trainer.make_optimizer(config.optimizer, trainer.learning_rate(config, stage, spe),
-                              stage.trainable, variables["params"])
-  state = parallel.replicate(mesh, trainer.make_state(variables["params"],
-                                                      variables["batch_stats"], tx, 0))
-  loss_fn = losses.get_loss(config.loss.name, config.loss.temperature)
-  train_step = trainer.make_train_step(model, tx, loss_fn, config.aug, config.batch_size, mesh,
-                                       stage.trainable)
+  setup = train_state.setup_stage(config, stage, mesh, spe, image_shape=images.shape[1:],
+                                  key=jax.random.fold_in(root_key, 0))
+  state, train_step = setup.state, setup.step
   images_all = parallel.replicate(mesh, jnp.asarray(images))
   step_key = jax.random.fold_in(root_key, 1)
   step = 0
@@ -128,8 +120,6 @@ def case_images(name, n):
     import benchmark_augment  # pylint: disable=g-import-not-at-top
     return benchmark_augment.synthetic_images(n, CASES[name]["size"])
   import ml_collections  # pylint: disable=g-import-not-at-top
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
   from configs import digits  # pylint: disable=g-import-not-at-top
   from jaxembed import data  # pylint: disable=g-import-not-at-top
   data_config = ml_collections.ConfigDict(dict(digits.get_config().data))

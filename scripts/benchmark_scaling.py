@@ -76,7 +76,6 @@ def worker(spec):
   """One device count: the losses of the first steps, then timed windows. Returns a row."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, SCRIPTS)
   import benchmark_train  # pylint: disable=g-import-not-at-top
 
   built = benchmark_train.build_step(spec["case"])

@@ -1,10 +1,9 @@
 """Throughput of the real t-SimCNE train step: steps/s, images/s, s/epoch, MFU and peak memory.
 
-The step timed is ``jaxembed.trainer.make_train_step``, built as
-``trainer.train_and_evaluate`` builds it (config validated and resolved
-against the data, ``models.create_model``, ``trainer.init_variables``,
-``trainer.make_optimizer`` with the stage-1 schedule, ``trainer.make_state``,
-the loss of ``config.loss``): index the device-resident images, augment two
+The step timed is the trainer's own, built by
+``jaxembed.train_state.setup_stage`` as the trainer builds it (config
+validated and resolved against the data, the stage-1 model, optimiser,
+state and jitted step of ``jaxembed.train_step``): index the device-resident images, augment two
 views on the device, Cauchy InfoNCE on the global batch, optimiser update.
 The images are random uint8 (the step's cost does not depend on their
 content) unless ``--config digits``, which loads the digits default.
@@ -161,11 +160,12 @@ def build_config(case):
 
 
 def build_step(case):
-  """Builds the train step as trainer.train_and_evaluate does; returns what the timing loop needs."""
+  """Builds the train step with the trainer's own set-up; returns what the timing loop needs."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxembed import configlib, data as data_lib, losses, models, parallel, trainer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from jaxembed import configlib, data as data_lib, parallel, schedule, train_state
   from jaxembed.data import pipeline  # pylint: disable=g-import-not-at-top
 
   config = build_config(case).copy_and_resolve_references()
@@ -180,37 +180,30 @@ def build_step(case):
     images = rng.integers(0, 256, (4 * config.batch_size, size, size, channels), dtype=np.uint8)
     ds = data_lib.from_arrays(images)
   stats = data_lib.compute_stats(ds.train_images)
-  config = trainer.resolve_config(config, ds, stats, mesh.devices.size)
-
   n_train = len(ds.train_images)
+  config = configlib.resolve_config(config, n_train, stats, mesh.devices.size)
+
   spe = pipeline.steps_per_epoch(n_train, config.batch_size)
-  stage = trainer.build_stages(stage_dicts, spe)[0]
-  loss_fn = losses.get_loss(config.loss.name, config.loss.temperature)
+  stage = schedule.build_stages(stage_dicts, spe)[0]
   root_key = jax.random.key(config.seed)
   step_key = jax.random.fold_in(root_key, 1)
-  model = models.create_model(config.model, head_dim=stage.head_dim)
-  variables = trainer.init_variables(model, jax.random.fold_in(root_key, 0), ds.image_shape)
-  tx = trainer.make_optimizer(config.optimizer, trainer.learning_rate(config, stage, spe),
-                              stage.trainable, variables["params"])
-  state = parallel.replicate(mesh, trainer.make_state(variables["params"],
-                                                      variables["batch_stats"], tx, 0))
+  setup = train_state.setup_stage(config, stage, mesh, spe, image_shape=ds.image_shape,
+                                  key=jax.random.fold_in(root_key, 0))
   images_all = parallel.replicate(mesh, jnp.asarray(ds.train_images))
-  train_step = trainer.make_train_step(model, tx, loss_fn, config.aug, config.batch_size, mesh,
-                                       stage.trainable)
 
   def batch(step):
     idx = pipeline.batch_indices(config.seed, step, n_train, config.batch_size)
     return parallel.global_from_full(mesh, idx)
 
   t0 = time.perf_counter()
-  lowered = train_step.lower(state, images_all, batch(0), step_key)
+  lowered = setup.step.lower(setup.state, images_all, batch(0), step_key)
   # --quick compiles without XLA's optimisation passes (3-4x faster to build on
-  # a 2-core CPU, trainer.FAST_COMPILE); its timings only show the script works.
-  compiled = (lowered.compile(compiler_options=trainer.FAST_COMPILE) if case.get("fast_compile")
-              else lowered.compile())
+  # a 2-core CPU, train_state.FAST_COMPILE); its timings only show the script works.
+  compiled = (lowered.compile(compiler_options=train_state.FAST_COMPILE)
+              if case.get("fast_compile") else lowered.compile())
   compile_s = time.perf_counter() - t0
-  n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(variables["params"])))
-  return {"compiled": compiled, "state": state, "images_all": images_all, "batch": batch,
+  n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(setup.state["params"])))
+  return {"compiled": compiled, "state": setup.state, "images_all": images_all, "batch": batch,
           "key": step_key, "config": config, "mesh": mesh, "compile_s": compile_s,
           "params": n_params, "image_shape": tuple(ds.image_shape)}
 

@@ -486,10 +486,11 @@ ALL_OPS = {"preset": "medical", "fill_value": (0.2, 0.4, 0.6), "jitter_p": 0.7,
     ALL_OPS,
     {"preset": "tsimcne"},            # the axis-aligned warp
     dict(ALL_OPS, fill="reflect")])
-def test_cpu_branches_equal_vmap(monkeypatch, lax_map_lengths, cfg):
+def test_cpu_branches_equal_vmap(monkeypatch, cfg):
   # On one CPU device, images of _CPU_BRANCH_PIXELS or more go through
-  # lax.map one at a time with real branches (the tests have 8 devices,
-  # which keep the vmap): force that path and compare with the vmap.
+  # lax.map one at a time with real branches (the tests' 8 devices without a
+  # mesh keep the vmap): force that path on a mesh of one CPU device and
+  # compare with the vmap.
   cfg = augment.resolve(cfg)
   x = _images(n=12, seed=11)
   keys = jax.random.split(jax.random.key(3), (2, 12))
@@ -503,13 +504,16 @@ def test_cpu_branches_equal_vmap(monkeypatch, lax_map_lengths, cfg):
       np.stack([single(keys[0], x), single(keys[1], x)], axis=1), atol=1e-6)
 
   monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", x.shape[1] * x.shape[2])
-  monkeypatch.setattr(augment.jax, "device_count", lambda: 1)
-  branched = np.asarray(jax.jit(lambda k, x: augment.augment_views(k, x, cfg))(keys, x))
-  assert lax_map_lengths == [24]
+  one_cpu = parallel.make_mesh(1)
+  branched = np.asarray(jax.jit(lambda k, x: augment.augment_views(k, x, cfg, one_cpu))(keys, x))
+  # The public call gives exactly the per-image scan's views, which equal the vmap's.
+  scan = augment._scan_views  # pylint: disable=protected-access
+  scanned = np.asarray(jax.jit(lambda k, x: scan(k, x, cfg))(keys, x))
+  np.testing.assert_array_equal(branched, scanned)
   np.testing.assert_allclose(branched, vmapped, atol=1e-5)
 
 
-def test_cpu_branches_per_device_of_mesh(monkeypatch, lax_map_lengths):
+def test_cpu_branches_per_device_of_mesh(monkeypatch):
   # With a mesh of CPU devices, each device scans its own shard of the batch
   # (shard_map); the views equal the single-device vmap's, keep the batch's
   # sharding (image-major rows), and need no data moved between devices.
@@ -524,7 +528,11 @@ def test_cpu_branches_per_device_of_mesh(monkeypatch, lax_map_lengths):
   fn = jax.jit(lambda k, x: augment.augment_views(k, x, cfg, mesh),
                in_shardings=(None, sharding), out_shardings=sharding)
   got = fn(keys, jax.device_put(x, sharding))
-  assert lax_map_lengths == [4]  # two views of each device's two images
+  # Each device's rows are the per-image scan of its own two images.
+  scan = jax.jit(lambda k, x: augment._scan_views(k, x, cfg))  # pylint: disable=protected-access
+  per_device = np.concatenate([np.asarray(scan(keys[:, 2 * d:2 * d + 2], x[2 * d:2 * d + 2]))
+                               for d in range(4)])
+  np.testing.assert_allclose(np.asarray(got), per_device, atol=1e-7)
   np.testing.assert_allclose(np.asarray(got), vmapped, atol=1e-5)
   hlo = fn.lower(keys, jax.device_put(x, sharding)).compile().as_text()
   assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute"))

@@ -319,7 +319,7 @@ def test_report_without_images_or_labels(tmp_path):
 
 
 def _load_module(relpath):
-  """A repository file (configs/, scripts/: not packages) imported by path."""
+  """A repository file (configs/: not a package of jaxembed) imported by path."""
   import importlib.util
   import sys
   root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -356,11 +356,10 @@ def _fake_digits_run(path, shuffle_ids=False):
   return labels
 
 
-def test_cluster_report_script(tmp_path, capsys):
-  cluster_report = _load_module("scripts/cluster_report.py")
+def test_cluster_command(tmp_path, capsys):
   labels = _fake_digits_run(tmp_path)
-  assert cluster_report.main(["--workdir", str(tmp_path), "--method", "kmeans", "--k_max", "12",
-                              "--no_features"]) == 0
+  assert cluster.main(["--workdir", str(tmp_path), "--method", "kmeans", "--k_max", "12",
+                       "--no_features"]) == 0
   out = capsys.readouterr().out
   assert "ARI" in out and "map" in out
   with open(tmp_path / cluster.JSON_FILE) as f:
@@ -371,9 +370,9 @@ def test_cluster_report_script(tmp_path, capsys):
   assert saved["map"]["clusters"][0]["central_ids"][0].startswith("digits:")
   # Data that no longer matches the run is refused with exit status 2.
   _fake_digits_run(tmp_path, shuffle_ids=True)
-  assert cluster_report.main(["--workdir", str(tmp_path)]) == 2
+  assert cluster.main(["--workdir", str(tmp_path)]) == 2
   assert "ids differ" in capsys.readouterr().err
-  assert cluster_report.main(["--workdir", str(tmp_path / "none")]) == 2
+  assert cluster.main(["--workdir", str(tmp_path / "none")]) == 2
 
 
 def test_sheet_with_rgb_float_images(tmp_path):

@@ -32,23 +32,3 @@ def shared_fixtures():
   if not path.is_dir():
     pytest.skip("../shared/fixtures is not present")
   return path
-
-
-@pytest.fixture
-def lax_map_lengths(monkeypatch):
-  """The length of every ``jax.lax.map`` traced during the test, in order.
-
-  Shows whether jaxembed.augment took its per-image scan (and over how many
-  views) rather than the vmap.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  lengths = []
-  real_map = jax.lax.map
-
-  def spy_map(f, xs, **kw):
-    lengths.append(xs.shape[0])
-    return real_map(f, xs, **kw)
-
-  monkeypatch.setattr(jax.lax, "map", spy_map)
-  return lengths

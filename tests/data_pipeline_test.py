@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import common
+from jaxembed import configlib
 from jaxembed import data
 from jaxembed.data import pipeline
 
@@ -91,15 +92,14 @@ def test_compute_stats_chunks_agree(monkeypatch):
 
 
 def test_trainer_clamps_a_batch_larger_than_the_dataset(capsys):
-  from jaxembed import trainer
   config = common.get_config()
   config.batch_size = 512
   ds = data.from_arrays(np.zeros((100, 4, 4), np.uint8))
   stats = data.compute_stats(ds.train_images)
-  config = trainer.resolve_config(config, ds, stats, num_devices=8)
+  config = configlib.resolve_config(config, len(ds.train_images), stats, num_devices=8)
   assert config.batch_size == 96
   assert "larger than the 100 training images" in capsys.readouterr().out
   tiny = data.from_arrays(np.zeros((7, 4, 4), np.uint8))
   config.batch_size = 512
   with pytest.raises(data.DataError, match="only 7 training images for 8 devices"):
-    trainer.resolve_config(config, tiny, stats, num_devices=8)
+    configlib.resolve_config(config, len(tiny.train_images), stats, num_devices=8)

@@ -10,6 +10,7 @@ from sklearn import metrics
 from sklearn import neighbors
 
 from jaxembed import evaluate
+from jaxembed import parallel
 
 
 def _random(rng, n, d, n_classes, offset=0):
@@ -117,7 +118,8 @@ def test_leaf_neighbours_equal_sklearn_sets():
   x, _ = _blobs(4097, 2, 6, seed=4)
   x[:20] += 100.0  # a far-away group forces the brute-force fallback
   leaves = evaluate._leaves(x, evaluate._LEAF_SIZE)
-  _, certified = evaluate._leaf_nearest(x, np.arange(len(x)), leaves, 10, 18)
+  _, certified = evaluate._leaf_nearest(x, np.arange(len(x)), leaves, 10, 18,
+                                        parallel.make_mesh())
   assert 0.5 < certified.mean() < 1.0  # the retry is exercised
   got = evaluate._neighbours(x, 10, None)
   want = neighbors.NearestNeighbors(n_neighbors=11).fit(x).kneighbors(
@@ -167,27 +169,43 @@ def test_leaf_search_with_distance_ties_finds_the_nearest_distances():
   x = np.concatenate([base, base, base])
   queries = _blobs(300, 2, 4, seed=10)[0]
   k = 10
-  got = evaluate._nearest(queries, x, k, None, None)
+  got, got_d2 = evaluate._nearest(queries, x, k, None, None)
   d2 = ((queries[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
   want = np.sort(d2, axis=1)[:, :k]
   np.testing.assert_array_equal(np.sort(np.take_along_axis(d2, got, 1), axis=1), want)
+  np.testing.assert_array_equal(np.sort(got_d2, axis=1), want)  # the distances it reports
 
 
 def test_leaf_search_concurrent_calls_match_sklearn(monkeypatch):
   # On a single CPU device the query chunks are split over concurrent calls
   # from host threads (the tests have 8 devices, which split them instead).
-  one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                      devices=jax.devices()[:1])
-  monkeypatch.setattr(evaluate, "_mesh", lambda: one)
+  one = parallel.make_mesh(1)
   calls = []
   real = evaluate._concurrent_calls
   monkeypatch.setattr(evaluate, "_concurrent_calls",
                       lambda mesh: calls.append(real(mesh)) or 3)
   x, y = _blobs(5001, 2, 6, seed=12)
-  got = evaluate.knn_predict(x[:4000], y[:4000], x[4000:], k=15)
+  got = evaluate.knn_predict(x[:4000], y[:4000], x[4000:], k=15, mesh=one)
   want = neighbors.KNeighborsClassifier(15).fit(x[:4000], y[:4000]).predict(x[4000:])
   np.testing.assert_array_equal(got, want)
   assert calls and calls[0] == min(os.cpu_count(), 4)
+
+
+@pytest.mark.parametrize("n,d,exclude_self", [(3000, 2, True), (500, 40, False), (700, 5, True)])
+def test_nearest_equals_sklearn_neighbours_and_distances(n, d, exclude_self):
+  # The one engine behind the metrics and search: the leaf search (2-D, many
+  # points), brute force with the matmul expansion (40-D) and direct (5-D).
+  rng = np.random.default_rng(n)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  q = x if exclude_self else rng.normal(size=(123, d)).astype(np.float32)
+  dist, idx = evaluate.nearest(q, x, 7, exclude_self=exclude_self)
+  nn = neighbors.NearestNeighbors(n_neighbors=8 if exclude_self else 7).fit(x.astype(np.float64))
+  want_d, want_i = nn.kneighbors(None if exclude_self else q.astype(np.float64))
+  assert dist.shape == idx.shape == (len(q), 7) and idx.dtype == np.int64
+  np.testing.assert_array_equal(idx, want_i[:, :7])
+  np.testing.assert_allclose(dist, want_d[:, :7], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=f"k={n} exceeds"):
+    evaluate.nearest(x, x, len(x), exclude_self=True)
 
 
 def test_knn_test_label_unseen_in_train_counts_as_error():
@@ -253,10 +271,11 @@ def test_cluster_sums_precise_over_many_tiles():
 def test_tile_size_limits_padding():
   # Ten clusters of 1000: 512-point tiles would pad by 24%, 256 by 12%.
   counts = np.full(10, 1000)
-  tile = evaluate._tile_size(counts, 1, None)
+  one = parallel.make_mesh(1)
+  tile = evaluate._tile_size(counts, one, None)
   n_pad = evaluate._n_tiles(counts, tile, 1) * tile
   assert n_pad <= 1.15 * counts.sum()
-  assert evaluate._tile_size(counts, 1, 24) == 24
+  assert evaluate._tile_size(counts, one, 24) == 24
 
 
 @pytest.mark.parametrize("labels,match", [

@@ -156,13 +156,32 @@ def test_chromium_probe_catches_errors(tmp_path):
   assert result["errors"] == ["boom"]
 
 
-def test_scatter_png(tmp_path):
+def _near(img, rgb, tol=40):
+  return (np.abs(img.astype(int) - np.array(rgb)).sum(axis=-1) <= tol)
+
+
+def test_scatter_png_draws_each_class_where_its_points_are(tmp_path):
   rng = np.random.default_rng(0)
-  xy = rng.normal(size=(500, 2))
-  labels = rng.integers(0, 3, size=500)
-  images = rng.integers(0, 256, size=(500, 8, 8, 1), dtype=np.uint8)
+  xy = np.concatenate([rng.normal(size=(250, 2)) + [-8, 0], rng.normal(size=(250, 2)) + [8, 0]])
+  labels = np.repeat([0, 1], 250)
   path = tmp_path / "s.png"
-  plots.scatter_png(str(path), xy, labels, title="t", images=images, num_thumbnails=10)
-  with Image.open(path) as img:
-    assert img.size[0] > 300 and img.size[1] > 300
+  png = plots.scatter_png(str(path), xy, labels, title="t")
+  assert path.read_bytes() == png
+  img = plots.decode_png(png)
+  with Image.open(path) as pil:
+    assert pil.size == (img.shape[1], img.shape[0]) and img.shape[0] > 300
+  # matplotlib's tab10: class 0 blue, class 1 orange, no third class (green).
+  blue, orange, green = (31, 119, 180), (255, 127, 14), (44, 160, 44)
+  cols_blue = np.nonzero(_near(img, blue))[1]
+  cols_orange = np.nonzero(_near(img, orange))[1]
+  assert len(cols_blue) > 200 and len(cols_orange) > 200
+  assert np.median(cols_blue) < img.shape[1] / 2 < np.median(cols_orange)
+  assert not _near(img, green).any()
+  # Thumbnails: magenta images show up only when asked for.
+  images = np.zeros((500, 8, 8, 3), np.uint8)
+  images[..., 0] = images[..., 2] = 255
+  with_thumbs = plots.decode_png(plots.scatter_image(xy, labels, images=images,
+                                                     num_thumbnails=10))
+  without = plots.decode_png(plots.scatter_image(xy, labels, images=images, num_thumbnails=0))
+  assert _near(with_thumbs, (255, 0, 255)).sum() > 50 and not _near(without, (255, 0, 255)).any()
   assert plots.point_size(300) > plots.point_size(60000)

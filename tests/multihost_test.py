@@ -4,7 +4,7 @@ Each test launches the processes of a 2-process run (jax.distributed over
 a local coordinator) and compares their results with the same computation
 in one process: the loss and its gradients (tests/multihost_worker.py), and
 a short ``python -m jaxembed.train`` run, whose final parameters are read
-back from both workdirs with ``trainer.load_trained``. Sums over devices are
+back from both workdirs with ``runs.load_trained``. Sums over devices are
 grouped differently in the two layouts, so results agree to rounding, not
 bit for bit.
 """
@@ -20,6 +20,7 @@ import pytest
 
 from jaxembed import losses
 from jaxembed import parallel
+from jaxembed import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
@@ -99,8 +100,7 @@ def test_two_processes_compute_the_loss_and_gradients_of_one(tmp_path):
 
 
 def flat_params(workdir):
-  from jaxembed import trainer  # pylint: disable=g-import-not-at-top
-  _, variables, _, step = trainer.load_trained(str(workdir))
+  _, variables, _, step = runs.load_trained(str(workdir))
   leaves = jax.tree.leaves(variables["params"])
   return step, np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves])
 

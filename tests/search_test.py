@@ -26,12 +26,12 @@ def numpy_knn(x, q, k, metric):
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-@pytest.mark.parametrize("n,k,block,chunk", [(1003, 5, 40, 16), (9, 9, 8192, 1024), (50, 1, 3, 7)])
-def test_nearest_matches_numpy(metric, n, k, block, chunk):
+@pytest.mark.parametrize("n,k,chunk", [(1003, 5, 16), (9, 9, None), (50, 1, 7)])
+def test_nearest_matches_numpy(metric, n, k, chunk):
   rng = np.random.default_rng(n)
   x = rng.normal(size=(n, 6)).astype(np.float32)
   q = rng.normal(size=(23, 6)).astype(np.float32)
-  d, i = search.nearest(x, q, k, metric=metric, block=block, query_chunk=chunk)
+  d, i = search.nearest(x, q, k, metric=metric, query_chunk=chunk)
   d_ref, i_ref = numpy_knn(x, q, k, metric)
   np.testing.assert_array_equal(i, i_ref)
   np.testing.assert_allclose(d, d_ref, atol=2e-5)

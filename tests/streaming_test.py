@@ -6,6 +6,7 @@ from PIL import Image
 
 from configs import digits
 from jaxembed import checkpoint, configlib, trainer
+from jaxembed.data import streaming
 
 
 def make_folder(root, n_per_class=24):
@@ -92,9 +93,9 @@ def test_streamed_run_resumes_at_the_checkpointed_step(streamed_run, tmp_path, m
   assert not (workdir / "metrics.json").exists()
 
   started = []
-  stream = trainer._training_stream  # pylint: disable=protected-access
-  monkeypatch.setattr(trainer, "_training_stream",
-                      lambda *a: started.append(a[3:]) or stream(*a))
+  stream = streaming.stream_batches
+  monkeypatch.setattr(streaming, "stream_batches", lambda *a, **kw: started.append(
+      (kw["start_step"], kw["num_steps"])) or stream(*a, **kw))
   metrics = trainer.train_and_evaluate(folder_config(folder, True), str(workdir))
   assert started == [(4, 4)]          # the stream restarts at step 4 for the last 4 steps
   assert metrics["steps"] == 8

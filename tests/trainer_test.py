@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from configs import common, digits
-from jaxembed import configlib, trainer
+from jaxembed import configlib, parallel, schedule, train_state, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,20 +64,20 @@ def test_every_shipped_config_validates():
 def test_stage_bookkeeping():
   c = digits.get_config()
   c.stages.epochs = (20, 30, 90)  # fixed here, whatever the default schedule is
-  stages = trainer.build_stages(configlib.stages(c), steps_per_epoch=11)
+  stages = schedule.build_stages(configlib.stages(c), steps_per_epoch=11)
   assert [s.first_step for s in stages] == [0, 220, 550]
   assert stages[-1].last_step == 1540
-  assert trainer.stage_of_step(stages, 0).index == 0
-  assert trainer.stage_of_step(stages, 220).index == 0   # a stage end belongs to its stage
-  assert trainer.stage_of_step(stages, 221).index == 1
-  assert trainer.stage_of_step(stages, 1540).index == 2
+  assert schedule.stage_of_step(stages, 0).index == 0
+  assert schedule.stage_of_step(stages, 220).index == 0   # a stage end belongs to its stage
+  assert schedule.stage_of_step(stages, 221).index == 1
+  assert schedule.stage_of_step(stages, 1540).index == 2
 
 
 def test_learning_rate_warmup_then_cosine():
   c = common.get_config()
   c.batch_size = 512
-  stage = trainer.build_stages(configlib.stages(c), steps_per_epoch=10)[0]
-  sched = trainer.learning_rate(c, stage, 10)
+  stage = schedule.build_stages(configlib.stages(c), steps_per_epoch=10)[0]
+  sched = schedule.learning_rate(c, stage, 10)
   peak = 0.03 * 512 / 256          # reference: 0.03 * B / 256
   warm, total = 100, 10000         # 10 warm-up epochs of 10 steps, 1000 epochs
   for t in (0, 50, 100, 2000, 5000, 9999):
@@ -92,7 +92,7 @@ def test_freezing_changes_only_trainable_parameters(trainable, trained):
   params = {"backbone": {"bb": jnp.ones(3)},
             "projector": {"hidden": jnp.ones(2), "out": jnp.ones(2)}}
   c = common.get_config()
-  tx = trainer.make_optimizer(c.optimizer, 0.1, trainable, params)
+  tx = schedule.make_optimizer(c.optimizer, 0.1, trainable, params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   moved = {k for k, v in {"bb": updates["backbone"]["bb"], "hidden": updates["projector"]["hidden"],
@@ -105,7 +105,7 @@ def test_sgd_matches_pytorch_rule():
   c = common.get_config()
   p = {"w": jnp.array([1.0, -2.0, 3.0])}
   g = {"w": jnp.array([10.0, 0.5, -0.1])}
-  tx = trainer.make_optimizer(c.optimizer, 0.1, "all", p)
+  tx = schedule.make_optimizer(c.optimizer, 0.1, "all", p)
   state = tx.init(p)
   u1, state = tx.update(g, state, p)
   p1 = optax.apply_updates(p, u1)
@@ -122,7 +122,7 @@ def test_sgd_matches_pytorch_rule():
 def test_pca_head_starts_from_principal_directions():
   rng = np.random.default_rng(0)
   hidden = rng.normal(size=(500, 6)) * np.array([5.0, 2.0, 1.0, 0.5, 0.2, 0.1]) + 3.0
-  out = trainer.new_head("pca", jax.random.key(0), hidden, 2, None, pca_std=10.0)
+  out = train_state.new_head("pca", jax.random.key(0), hidden, 2, None, pca_std=10.0)
   z = hidden @ np.asarray(out["kernel"]) + np.asarray(out["bias"])
   np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-4)
   assert z[:, 0].std() == pytest.approx(10.0, rel=1e-4)
@@ -176,8 +176,8 @@ def run_python(code, xla_flags=None):
 
 def test_deterministic_flag_is_set_before_the_backend_starts_and_xla_knows_it():
   code = ("import os\n"
-          "from jaxembed import trainer\n"
-          "assert trainer.enable_deterministic_ops()\n"
+          "from jaxembed import parallel\n"
+          "assert parallel.enable_deterministic_ops()\n"
           "import jax\n"
           "print(float(jax.numpy.arange(3.0).sum()))\n"
           "print('FLAGS', os.environ['XLA_FLAGS'])\n")
@@ -195,16 +195,16 @@ def test_deterministic_flag_is_set_before_the_backend_starts_and_xla_knows_it():
 def test_deterministic_after_the_backend_started(monkeypatch):
   jax.devices()  # this process's CPU backend is running
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  assert trainer.enable_deterministic_ops() is False    # CPU: a warning, results repeat anyway
+  assert parallel.enable_deterministic_ops() is False    # CPU: a warning, results repeat anyway
   assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
 
   class FakeGpu:
     platform = "gpu"
   monkeypatch.setattr(jax, "devices", lambda *a: [FakeGpu()])
-  with pytest.raises(configlib.ConfigError, match="before JAX starts its GPU backend"):
-    trainer.enable_deterministic_ops()
+  with pytest.raises(ValueError, match="before JAX starts its GPU backend"):
+    parallel.enable_deterministic_ops()
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
-  assert trainer.enable_deterministic_ops() is True    # set by the user in the environment
+  assert parallel.enable_deterministic_ops() is True    # set by the user in the environment
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import AxisType
 
 from configs import common
-from jaxembed import augment, configlib, losses, parallel, trainer, twopass
+from jaxembed import augment, configlib, losses, parallel, schedule, train_state, train_step
+from jaxembed import twopass
 from jaxembed.models import heads
 
 
@@ -40,16 +41,19 @@ def images(n=32, size=8, seed=0):
 
 def compiled(jitted, *args):
   """``jitted`` compiled for ``args`` without XLA's slow optimisation passes (test time)."""
-  return jitted.lower(*args).compile(compiler_options=trainer.FAST_COMPILE)
+  return jitted.lower(*args).compile(compiler_options=train_state.FAST_COMPILE)
 
 
-def grads_of(model, variables, num_chunks, mesh, imgs, trainable="all"):
-  fn = trainer.make_loss_and_grads(model, losses.get_loss("cauchy"), aug_config(), trainable,
-                                   num_chunks, mesh)
+def grads_of(model, variables, num_chunks, mesh, imgs, trainable="all", hlo=None):
+  """(loss, grads, batch_stats) of the step's gradient function; ``hlo`` (a list) gets its HLO."""
+  fn = train_step.make_loss_and_grads(model, losses.get_loss("cauchy"), aug_config(), trainable,
+                                      num_chunks, mesh)
   repl = parallel.replicated(mesh)
   jitted = jax.jit(fn, in_shardings=(repl, repl, parallel.batch_sharding(mesh), repl))
   args = (variables["params"], variables.get("batch_stats", {}),
           parallel.global_from_full(mesh, imgs), jax.random.key(3))
+  if hlo is not None:
+    hlo.append(jitted.lower(*args).as_text())
   return compiled(jitted, *args)(*args)
 
 
@@ -108,7 +112,7 @@ def test_trainer_gradients_match_one_pass_without_batchnorm(num_devices, num_chu
 
 
 @pytest.mark.parametrize("num_chunks", [1, 2])
-def test_trainer_with_per_device_augmentation_scans(monkeypatch, lax_map_lengths, num_chunks):
+def test_trainer_with_per_device_augmentation_scans(monkeypatch, num_chunks):
   # On CPU devices, images of augment._CPU_BRANCH_PIXELS or more are augmented
   # by a scan on each device of the mesh (shard_map); forced here at 8 px, the
   # step's loss and gradients equal those of the vmapped augmentation.
@@ -116,12 +120,15 @@ def test_trainer_with_per_device_augmentation_scans(monkeypatch, lax_map_lengths
   model = NoBatchNorm()
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   imgs = images(32)
-  want_loss, want_grads, _ = grads_of(model, variables, num_chunks, mesh, imgs)
-  assert not lax_map_lengths  # the vmap
+  vmapped, scanned = [], []
+  want_loss, want_grads, _ = grads_of(model, variables, num_chunks, mesh, imgs, hlo=vmapped)
   monkeypatch.setattr(augment, "_CPU_BRANCH_PIXELS", 8 * 8)
-  loss, grads, _ = grads_of(model, variables, num_chunks, mesh, imgs)
-  # Both views of each device's images (8 per device, or 4 per chunk).
-  assert lax_map_lengths and set(lax_map_lengths) == {2 * 32 // 4 // num_chunks}
+  loss, grads, _ = grads_of(model, variables, num_chunks, mesh, imgs, hlo=scanned)
+  # The forced path adds a loop over each device's images inside a per-device
+  # (manual, shard_map) computation per chunk; the vmap has neither.
+  assert "manual_computation" not in vmapped[0]
+  assert scanned[0].count("manual_computation") == num_chunks
+  assert scanned[0].count("stablehlo.while") > vmapped[0].count("stablehlo.while")
   np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
   assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-7)
 
@@ -151,7 +158,7 @@ def test_batchnorm_chunks_equal_the_same_chunk_forward():
   """
   mesh = mesh_of(8)
   model = tiny_bn_model()
-  variables = trainer.init_variables(model, jax.random.key(0), (8, 8, 3))
+  variables = train_state.init_variables(model, jax.random.key(0), (8, 8, 3))
   imgs = images(32)
   loss, grads, stats = grads_of(model, variables, 2, mesh, imgs)
 
@@ -192,7 +199,7 @@ def test_batchnorm_chunks_equal_the_same_chunk_forward():
 def test_frozen_parameters_get_zero_gradients_in_two_passes():
   mesh = mesh_of(8)
   model = tiny_bn_model()
-  variables = trainer.init_variables(model, jax.random.key(0), (8, 8, 3))
+  variables = train_state.init_variables(model, jax.random.key(0), (8, 8, 3))
   _, grads, _ = grads_of(model, variables, 2, mesh, images(32), trainable="head_out")
   assert float(jnp.abs(grads["projector"]["out"]["kernel"]).max()) > 0
   assert float(jnp.abs(grads["projector"]["hidden"]["kernel"]).max()) == 0
@@ -208,9 +215,9 @@ def test_short_training_run_with_chunks_ends_with_the_same_parameters():
   imgs = parallel.replicate(mesh, jnp.asarray(images(48)))
   ends = []
   for chunk_size in (0, 1):
-    tx = trainer.make_optimizer(c.optimizer, 0.05, "all", variables["params"])
-    state = parallel.replicate(mesh, trainer.make_state(variables["params"], {}, tx, 0))
-    step = trainer.make_train_step(model, tx, losses.get_loss("cauchy"), aug_config(), 16, mesh,
+    tx = schedule.make_optimizer(c.optimizer, 0.05, "all", variables["params"])
+    state = parallel.replicate(mesh, train_state.make_state(variables["params"], {}, tx, 0))
+    step = train_step.make_train_step(model, tx, losses.get_loss("cauchy"), aug_config(), 16, mesh,
                                    chunk_size=chunk_size)
     batches = [parallel.global_from_full(mesh, np.arange(16 * i, 16 * (i + 1), dtype=np.int32))
                for i in range(3)]

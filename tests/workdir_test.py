@@ -18,8 +18,13 @@ def _write(tmp_path, config):
 
 def test_same_config_resumes(tmp_path):
   config = common.get_config()
-  _write(tmp_path, config)
-  workdir.check_or_write_config(str(tmp_path), config, RUN)  # no error
+  path = _write(tmp_path, config)
+  with open(path) as f:
+    written = f.read()
+  assert json.loads(written)["run"] == RUN and json.loads(written)["seed"] == config.seed
+  assert workdir.check_or_write_config(str(tmp_path), config, RUN) is None  # no error
+  with open(path) as f:
+    assert f.read() == written  # the original record is kept, not rewritten
 
 
 @pytest.mark.parametrize("field,value", [("seed", 1), ("batch_size", 256),
@@ -42,12 +47,16 @@ def test_other_data_is_refused(tmp_path):
 
 def test_logging_checkpointing_and_chunking_may_change(tmp_path):
   config = common.get_config()
-  _write(tmp_path, config)
+  path = _write(tmp_path, config)
   config.logging.every_steps = 7
   config.checkpoint.every_steps = 3
   config.outputs.plots = False
   config.train.chunk_size = 64
-  workdir.check_or_write_config(str(tmp_path), config, RUN)
+  with open(path) as f:
+    written = f.read()
+  assert workdir.check_or_write_config(str(tmp_path), config, RUN) is None  # no error
+  with open(path) as f:
+    assert json.loads(f.read()) == json.loads(written)  # the original config stays
 
 
 def test_a_config_json_from_before_a_field_existed(tmp_path):

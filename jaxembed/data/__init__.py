@@ -11,7 +11,8 @@ Sources: digits, medmnist, folder, tfds, idx, arrays (docs/data.md).
 from jaxembed.data import pipeline
 from jaxembed.data.arrays import from_arrays, prepare_images
 from jaxembed.data.convert import DataError
-from jaxembed.data.sources import Dataset, SOURCES, load
+from jaxembed.data.dataset import Dataset
+from jaxembed.data.sources import SOURCES, load
 from jaxembed.data.stats import compute_stats
 
 __all__ = ["Dataset", "DataError", "SOURCES", "load", "from_arrays", "prepare_images",

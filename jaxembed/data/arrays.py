@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 
 from jaxembed.data import convert
-from jaxembed.data import sources
+from jaxembed.data import dataset
 from jaxembed.data.convert import DataError
 
 _KEYS = ("images", "labels", "ids", "test_images", "test_labels", "test_ids")
@@ -91,14 +91,14 @@ def from_arrays(images, labels=None, ids=None, test_images=None, test_labels=Non
   if test_images is None:
     if test_labels is not None or test_ids is not None:
       raise DataError("test_labels / test_ids were given without test_images")
-    ds = sources.split_off_test(x, y, i, cfg, name=name)
+    ds = dataset.split_off_test(x, y, i, cfg, name=name)
   else:
     tx = convert.check_images(test_images, "test_images")
     ty = convert.check_labels(test_labels, len(tx), "test_labels")
     if (labels is None) != (test_labels is None):
       raise DataError("give labels for both images and test_images, or for neither")
     ti = convert.check_ids(test_ids, len(tx), f"{name}:test:", "test_ids")
-    ds = sources.with_test((x, y, i), (tx, ty, ti), cfg, name=name)
+    ds = dataset.with_test((x, y, i), (tx, ty, ti), cfg, name=name)
   for split in ("train", "test"):
     imgs = getattr(ds, f"{split}_images")
     if cfg.get("image_size"):

@@ -16,6 +16,7 @@ image (hi == lo) becomes 0.
 """
 
 import numpy as np
+from PIL import Image
 
 
 class DataError(ValueError):
@@ -169,7 +170,6 @@ def to_channels(images, channels):
 
 def resize_images(images, size):
   """Resizes uint8 (N, H, W, C) images to (N, size, size, C) with bilinear filtering (PIL)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   n, h, w, c = images.shape
   if (h, w) == (size, size):
     return images

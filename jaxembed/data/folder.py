@@ -20,9 +20,10 @@ import os
 
 from absl import logging
 import numpy as np
+from PIL import Image
 
 from jaxembed.data import convert
-from jaxembed.data import sources
+from jaxembed.data import dataset
 from jaxembed.data.convert import DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
@@ -89,7 +90,6 @@ def read_image(path):
   Palette, alpha and CMYK images become RGB (alpha dropped); 1-bit and
   gray+alpha become gray. Raises OSError/ValueError for unreadable files.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as img:
     img.load()
     mode = img.mode
@@ -109,7 +109,6 @@ def read_image(path):
 
 def read_images(paths, what="images"):
   """Reads the files that can be read; returns (arrays, kept indices) and warns about the rest."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   arrays, kept, bad = [], [], []
   for i, p in enumerate(paths):
     try:
@@ -171,7 +170,7 @@ def load_folder(data_config):
   ids = np.array([os.path.normpath(paths[i]) for i in kept])
   labels = convert.check_labels(None if labels is None else labels[kept], len(images))
   name = os.path.basename(os.path.normpath(path))
-  ds = sources.split_off_test(images, labels, ids, data_config, name=name,
+  ds = dataset.split_off_test(images, labels, ids, data_config, name=name,
                               class_names=class_names)
   ds.intensity_range = vr
   return ds

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from jaxembed.data import convert
-from jaxembed.data import sources
+from jaxembed.data import dataset
 from jaxembed.data.convert import DataError
 
 FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
@@ -64,4 +64,4 @@ def load_idx(data_config):
     x = convert.check_images(arrays[f"{split}_images"], f"{split} images in {folder}")
     y = convert.check_labels(arrays[f"{split}_labels"], len(x), f"{split} labels in {folder}")
     splits.append((x, y, np.array([f"{name}:{split}:{i}" for i in range(len(x))])))
-  return sources.with_test(splits[0], splits[1], data_config, name=name)
+  return dataset.with_test(splits[0], splits[1], data_config, name=name)

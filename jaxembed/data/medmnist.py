@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 
 from jaxembed.data import convert
-from jaxembed.data import sources
+from jaxembed.data import dataset
 from jaxembed.data.convert import DataError
 
 # name: (channels, number of classes or labels, task) for the 2D datasets of
@@ -129,4 +129,4 @@ def load_medmnist(data_config):
   name = data_config.get("name") or os.path.splitext(os.path.basename(path))[0]
   train, test = read_npz(path, name, data_config.get("train_split"),
                          data_config.get("test_split"))
-  return sources.with_test(train, test, data_config, name=name)
+  return dataset.with_test(train, test, data_config, name=name)

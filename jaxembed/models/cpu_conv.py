@@ -16,7 +16,8 @@ offset: a strided slice of the padded input times that offset's (C, O)
 matrix), which XLA:CPU runs as fast GEMMs: for large outputs only the filter
 gradient (through ``jax.custom_vjp``; the forward pass and input gradient stay
 XLA's convolutions), for tiny outputs everything. The results equal XLA's
-convolution up to float rounding (tests/cpu_conv_test.py). Other backends,
+convolution up to float rounding (tests/cpu_conv_test.py). Only models built
+for CPUs use it (``resnet.torch_conv`` asks jaxembed.parallel.platform);
 grouped or dilated convolutions and other layouts go to
 ``lax.conv_general_dilated`` unchanged, and parameters keep Flax's layout, so
 checkpoints and imported weights do not depend on which path ran.
@@ -57,7 +58,7 @@ def _path(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation, dime
           feature_group_count, batch_group_count, precision, preferred_element_type):
   """'xla', 'products' (everything as matrix products) or 'filter_grad' (only the gradient)."""
   del precision
-  if jax.default_backend() != "cpu" or lhs.ndim != 4 or isinstance(padding, str):
+  if lhs.ndim != 4 or isinstance(padding, str):
     return "xla"
   if feature_group_count != 1 or batch_group_count != 1 or preferred_element_type is not None:
     return "xla"

@@ -74,11 +74,12 @@ class ConvBN(nn.Module):
   groups: int = 1
   activate: bool = True
   dtype: Any = jnp.float32
+  platform: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = resnet.torch_conv(self.features, self.kernel_size, self.strides, self.groups,
-                          dtype=self.dtype, name="conv")(x)
+                          dtype=self.dtype, platform=self.platform, name="conv")(x)
     x = resnet.batch_norm(train, self.dtype, name="bn")(x)
     return nn.swish(x) if self.activate else x
 
@@ -87,14 +88,15 @@ class SqueezeExcitation(nn.Module):
   """Channel gating: mean-pool, 1x1 conv down + swish, 1x1 conv up + sigmoid, scale."""
   squeeze_channels: int
   dtype: Any = jnp.float32
+  platform: Optional[str] = None
 
   @nn.compact
   def __call__(self, x):
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = resnet.torch_conv(self.squeeze_channels, 1, use_bias=True, dtype=self.dtype,
-                          name="reduce")(s)
+                          platform=self.platform, name="reduce")(s)
     s = resnet.torch_conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype,
-                          name="expand")(nn.swish(s))
+                          platform=self.platform, name="expand")(nn.swish(s))
     return x * nn.sigmoid(s)
 
 
@@ -110,19 +112,22 @@ class MBConv(nn.Module):
   strides: int
   drop_prob: float
   dtype: Any = jnp.float32
+  platform: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool):
+    conv_bn = functools.partial(ConvBN, dtype=self.dtype, platform=self.platform)
     in_channels = x.shape[-1]
     expanded = make_divisible(in_channels * self.expand_ratio)
     y = x
     if expanded != in_channels:
-      y = ConvBN(expanded, 1, dtype=self.dtype, name="expand")(y, train)
-    y = ConvBN(expanded, self.kernel_size, self.strides, groups=expanded, dtype=self.dtype,
-               name="depthwise")(y, train)
+      y = conv_bn(expanded, 1, name="expand")(y, train)
+    y = conv_bn(expanded, self.kernel_size, self.strides, groups=expanded,
+                name="depthwise")(y, train)
     # torchvision squeezes to a quarter of the block's *input* channels.
-    y = SqueezeExcitation(max(1, in_channels // 4), dtype=self.dtype, name="se")(y)
-    y = ConvBN(self.out_channels, 1, activate=False, dtype=self.dtype, name="project")(y, train)
+    y = SqueezeExcitation(max(1, in_channels // 4), dtype=self.dtype, platform=self.platform,
+                          name="se")(y)
+    y = conv_bn(self.out_channels, 1, activate=False, name="project")(y, train)
     if self.strides == 1 and in_channels == self.out_channels:
       if train and self.drop_prob > 0:
         keep = 1.0 - self.drop_prob
@@ -145,6 +150,8 @@ class EfficientNet(nn.Module):
     stochastic_depth_prob: drop probability of the last block; block i of n gets
       ``stochastic_depth_prob * i / n``.
     dtype: compute dtype; parameters are float32 and the features are returned as float32.
+    platform: the platform it is compiled for (None: that of ``jax.devices()``); see
+      ``resnet.torch_conv``.
   """
   stages: Sequence[StageConfig]
   stem_channels: int
@@ -153,6 +160,7 @@ class EfficientNet(nn.Module):
   dropout_rate: float = 0.2
   stochastic_depth_prob: float = STOCHASTIC_DEPTH_PROB
   dtype: Any = jnp.float32
+  platform: Optional[str] = None
 
   @property
   def num_features(self) -> int:
@@ -172,7 +180,7 @@ class EfficientNet(nn.Module):
           "stochastic_depth_prob=0")
     x = jnp.asarray(x, self.dtype)
     x = ConvBN(self.stem_channels, 3, 2 if self.stem == "imagenet" else 1, dtype=self.dtype,
-               name="stem")(x, train)
+               platform=self.platform, name="stem")(x, train)
     total_blocks = sum(s.num_blocks for s in self.stages)
     block_id = 0
     for i, stage in enumerate(self.stages):
@@ -180,9 +188,10 @@ class EfficientNet(nn.Module):
         x = MBConv(stage.out_channels, stage.expand_ratio, stage.kernel_size,
                    stage.strides if j == 0 else 1,
                    drop_prob=self.stochastic_depth_prob * block_id / total_blocks,
-                   dtype=self.dtype, name=f"stage{i + 1}_{j}")(x, train)
+                   dtype=self.dtype, platform=self.platform, name=f"stage{i + 1}_{j}")(x, train)
         block_id += 1
-    x = ConvBN(self.head_channels, 1, dtype=self.dtype, name="head")(x, train)
+    x = ConvBN(self.head_channels, 1, dtype=self.dtype, platform=self.platform,
+               name="head")(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.dropout_rate > 0:
       features = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
@@ -193,7 +202,8 @@ def _efficientnet(variant: str, *, stem: str = "imagenet", width_multiplier: flo
                   stage_sizes: Optional[Sequence[int]] = None,
                   widths: Optional[Sequence[int]] = None, dtype: Any = "float32",
                   dropout_rate: Optional[float] = None,
-                  stochastic_depth_prob: float = STOCHASTIC_DEPTH_PROB) -> EfficientNet:
+                  stochastic_depth_prob: float = STOCHASTIC_DEPTH_PROB,
+                  platform: Optional[str] = None) -> EfficientNet:
   """EfficientNet ``variant`` with its compound scaling.
 
   Args:
@@ -206,6 +216,7 @@ def _efficientnet(variant: str, *, stem: str = "imagenet", width_multiplier: flo
     dtype: compute dtype ("float32" | "bfloat16").
     dropout_rate: feature dropout in training; None takes the published rate.
     stochastic_depth_prob: see ``EfficientNet``.
+    platform: see ``EfficientNet``.
   """
   width_coef, depth_coef, _, published_dropout = COMPOUND_SCALING[variant]
   if stem not in STEMS:
@@ -229,7 +240,8 @@ def _efficientnet(variant: str, *, stem: str = "imagenet", width_multiplier: flo
       stages=tuple(stages), stem_channels=make_divisible(B0_STEM_CHANNELS * scale),
       head_channels=4 * stages[-1].out_channels, stem=stem,
       dropout_rate=published_dropout if dropout_rate is None else float(dropout_rate),
-      stochastic_depth_prob=float(stochastic_depth_prob), dtype=resnet.resolve_dtype(dtype))
+      stochastic_depth_prob=float(stochastic_depth_prob), dtype=resnet.resolve_dtype(dtype),
+      platform=platform)
 
 
 efficientnet_b0 = functools.partial(_efficientnet, "efficientnet_b0")

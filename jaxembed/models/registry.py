@@ -31,8 +31,8 @@ def create_backbone(name: str, **kw) -> Any:
   Args:
     name: e.g. "resnet18", "resnet50", "efficientnet_b3", "resnet_tiny".
     **kw: options of that family: ``stem`` ("cifar" | "imagenet"), ``width_multiplier``,
-      ``stage_sizes``, ``widths``, ``dtype`` ("float32" | "bfloat16"); keys whose value is None
-      are ignored (the preset's value is kept).
+      ``stage_sizes``, ``widths``, ``dtype`` ("float32" | "bfloat16"), ``platform`` (see
+      ``create_model``); keys whose value is None are ignored (the preset's value is kept).
 
   Returns:
     An unbound Flax module; ``module.apply(variables, x, train=...)`` maps NHWC float images to
@@ -55,13 +55,17 @@ def backbone_kwargs(model_config) -> Dict[str, Any]:
   return {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if v is not None}
 
 
-def create_model(model_config, head_dim: int = 128) -> heads.TSimCNEModel:
+def create_model(model_config, head_dim: int = 128,
+                 platform: str | None = None) -> heads.TSimCNEModel:
   """Backbone + projector described by ``config.model`` (see configs/common.py).
 
   Args:
     model_config: ``config.model`` (fields name, stem, width_multiplier, stage_sizes, widths,
       hidden_dim, dtype, input_mean, input_std).
     head_dim: output dimension of the projector (128 in stage 1, 2 afterwards).
+    platform: the platform the model is compiled for ("cpu" | "gpu" | "tpu"), which picks
+      platform-specific implementations (the CPU convolution workaround); None: that of
+      ``jax.devices()``. Pass ``jaxembed.parallel.platform(mesh)``.
 
   Returns:
     A ``TSimCNEModel``; ``apply(variables, x, train)`` returns
@@ -70,7 +74,7 @@ def create_model(model_config, head_dim: int = 128) -> heads.TSimCNEModel:
   name = getattr(model_config, "name", None)
   if name is None:
     raise ValueError("config.model.name is not set; use one of " + str(sorted(BACKBONES)))
-  backbone = create_backbone(name, **backbone_kwargs(model_config))
+  backbone = create_backbone(name, platform=platform, **backbone_kwargs(model_config))
   hidden_dim = int(getattr(model_config, "hidden_dim", None) or 1024)
   mean, std = getattr(model_config, "input_mean", None), getattr(model_config, "input_std", None)
   return heads.TSimCNEModel(

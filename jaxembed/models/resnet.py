@@ -15,8 +15,10 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from jax import lax
 import jax.numpy as jnp
 
+from jaxembed import parallel
 from jaxembed.models import cpu_conv
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -43,18 +45,22 @@ def resolve_dtype(dtype: Any) -> Any:
 
 
 def torch_conv(features: int, kernel_size: int, strides: int = 1, groups: int = 1,
-               use_bias: bool = False, dtype: Any = jnp.float32, name: str | None = None):
+               use_bias: bool = False, dtype: Any = jnp.float32, name: str | None = None,
+               platform: str | None = None):
   """A Flax Conv padded as PyTorch pads: ``(k - 1) // 2`` on both sides.
 
   'SAME' pads asymmetrically (more on the bottom/right) for a strided convolution on an even
   input, which would shift every feature map by a pixel relative to imported PyTorch weights.
+  ``platform`` is the platform the model is compiled for (None: that of ``jax.devices()``,
+  jaxembed.parallel.platform); CPUs get the convolution workaround of ``cpu_conv``.
   """
   pad = (kernel_size - 1) // 2
+  conv = (cpu_conv.conv_general_dilated if parallel.uses_cpu_paths(platform)
+          else lax.conv_general_dilated)
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                  padding=[(pad, pad), (pad, pad)], feature_group_count=groups,
                  use_bias=use_bias, kernel_init=conv_init, dtype=dtype,
-                 param_dtype=jnp.float32, name=name,
-                 conv_general_dilated=cpu_conv.conv_general_dilated)
+                 param_dtype=jnp.float32, name=name, conv_general_dilated=conv)
 
 
 def batch_norm(train: bool, dtype: Any = jnp.float32, epsilon: float = BN_EPSILON,
@@ -74,17 +80,19 @@ class BasicBlock(nn.Module):
   width: int
   strides: int = 1
   dtype: Any = jnp.float32
+  platform: str | None = None
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
+    conv = functools.partial(torch_conv, dtype=self.dtype, platform=self.platform)
     out_features = self.width * self.expansion
-    y = torch_conv(self.width, 3, self.strides, dtype=self.dtype, name="conv1")(x)
+    y = conv(self.width, 3, self.strides, name="conv1")(x)
     y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
-    y = torch_conv(out_features, 3, dtype=self.dtype, name="conv2")(y)
+    y = conv(out_features, 3, name="conv2")(y)
     y = batch_norm(train, self.dtype, name="bn2")(y)
     if self.strides != 1 or x.shape[-1] != out_features:
-      x = torch_conv(out_features, 1, self.strides, dtype=self.dtype, name="downsample_conv")(x)
+      x = conv(out_features, 1, self.strides, name="downsample_conv")(x)
       x = batch_norm(train, self.dtype, name="downsample_bn")(x)
     return nn.relu(x + y)
 
@@ -94,19 +102,21 @@ class BottleneckBlock(nn.Module):
   width: int
   strides: int = 1
   dtype: Any = jnp.float32
+  platform: str | None = None
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
+    conv = functools.partial(torch_conv, dtype=self.dtype, platform=self.platform)
     out_features = self.width * self.expansion
-    y = torch_conv(self.width, 1, dtype=self.dtype, name="conv1")(x)
+    y = conv(self.width, 1, name="conv1")(x)
     y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
-    y = torch_conv(self.width, 3, self.strides, dtype=self.dtype, name="conv2")(y)
+    y = conv(self.width, 3, self.strides, name="conv2")(y)
     y = nn.relu(batch_norm(train, self.dtype, name="bn2")(y))
-    y = torch_conv(out_features, 1, dtype=self.dtype, name="conv3")(y)
+    y = conv(out_features, 1, name="conv3")(y)
     y = batch_norm(train, self.dtype, name="bn3")(y)
     if self.strides != 1 or x.shape[-1] != out_features:
-      x = torch_conv(out_features, 1, self.strides, dtype=self.dtype, name="downsample_conv")(x)
+      x = conv(out_features, 1, self.strides, name="downsample_conv")(x)
       x = batch_norm(train, self.dtype, name="downsample_bn")(x)
     return nn.relu(x + y)
 
@@ -122,6 +132,8 @@ class ResNet(nn.Module):
       ~64 px) or "imagenet" (7x7 conv stride 2 and a 3x3 stride-2 max-pool).
     width_multiplier: scales every width (stem included), for small variants.
     dtype: compute dtype; parameters are float32 and the features are returned as float32.
+    platform: the platform it is compiled for ("cpu" | "gpu" | "tpu"; None: that of
+      ``jax.devices()``), which picks the convolution implementation (``torch_conv``).
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -129,6 +141,7 @@ class ResNet(nn.Module):
   stem: str = "cifar"
   width_multiplier: float = 1.0
   dtype: Any = jnp.float32
+  platform: str | None = None
 
   @property
   def num_features(self) -> int:
@@ -139,12 +152,13 @@ class ResNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"ResNet expects NHWC images, got an array of shape {x.shape}")
     x = jnp.asarray(x, self.dtype)
+    conv = functools.partial(torch_conv, dtype=self.dtype, platform=self.platform)
     widths = [scale_width(w, self.width_multiplier) for w in self.widths]
     if self.stem == "cifar":
-      x = torch_conv(widths[0], 3, 1, dtype=self.dtype, name="conv1")(x)
+      x = conv(widths[0], 3, 1, name="conv1")(x)
       x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
     elif self.stem == "imagenet":
-      x = torch_conv(widths[0], 7, 2, dtype=self.dtype, name="conv1")(x)
+      x = conv(widths[0], 7, 2, name="conv1")(x)
       x = nn.relu(batch_norm(train, self.dtype, name="bn1")(x))
       # torch.nn.MaxPool2d(3, 2, padding=1) pads with -inf, as Flax's max_pool does.
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -153,7 +167,7 @@ class ResNet(nn.Module):
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, widths)):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block(width=width, strides=strides, dtype=self.dtype,
+        x = self.block(width=width, strides=strides, dtype=self.dtype, platform=self.platform,
                        name=f"layer{i + 1}_{j}")(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -170,7 +184,8 @@ def _check_stages(stage_sizes, widths):
 
 
 def _resnet(default_stage_sizes, default_widths, block, default_stem, *, stem=None,
-            width_multiplier=1.0, stage_sizes=None, widths=None, dtype="float32"):
+            width_multiplier=1.0, stage_sizes=None, widths=None, dtype="float32",
+            platform=None):
   stage_sizes = default_stage_sizes if stage_sizes is None else stage_sizes
   widths = default_widths if widths is None else widths
   # An override of one tuple alone must keep the number of stages of the other.
@@ -185,7 +200,8 @@ def _resnet(default_stage_sizes, default_widths, block, default_stem, *, stem=No
   if not width_multiplier or width_multiplier <= 0:
     raise ValueError(f"width_multiplier must be positive, got {width_multiplier}")
   return ResNet(stage_sizes=stage_sizes, widths=widths, block=block, stem=stem,
-                width_multiplier=float(width_multiplier), dtype=resolve_dtype(dtype))
+                width_multiplier=float(width_multiplier), dtype=resolve_dtype(dtype),
+                platform=platform)
 
 
 # The default stem of the full-size nets is torchvision's ("imagenet"), so that their
