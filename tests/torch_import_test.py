@@ -112,6 +112,15 @@ def test_tiny_state_dict_loads_without_fixtures(tmp_path):
   assert all(np.all(np.asarray(a) == 0.5) for a in jax.tree.leaves(variables))
 
 
+def test_bfloat16_safetensors_load(tmp_path):
+  from safetensors import flax as st_flax  # pylint: disable=g-import-not-at-top
+  sd = {k: jnp.asarray(v, jnp.bfloat16) for k, v in _tiny_torch_state_dict().items()}
+  st_flax.save_file(sd, str(tmp_path / "bf16.safetensors"))
+  variables = models.load_torch_state_dict(tmp_path / "bf16.safetensors", "resnet_tiny", **TINY)
+  assert all(a.dtype == jnp.float32 and np.all(np.asarray(a) == 0.5)
+             for a in jax.tree.leaves(variables))
+
+
 def test_mismatch_lists_missing_unexpected_and_misshaped_keys(tmp_path):
   sd = _tiny_torch_state_dict()
   del sd["layer1.0.bn2.running_var"]

@@ -59,8 +59,8 @@ def convert_command(src: str = "model.pth", dst: str = "model.safetensors",
 
   It unwraps {"state_dict" | "model_state_dict" | "model": ...}, keeps the floating-point
   tensors (``num_batches_tracked`` is dropped on import anyway) and copies each into its own
-  contiguous float32 storage, since ``safetensors`` refuses non-contiguous tensors and tensors
-  that share memory, and NumPy (which reads the file here) has no bfloat16.
+  contiguous storage, since ``safetensors`` refuses non-contiguous tensors and tensors that
+  share memory; as float32, the dtype of the import.
 
   Args:
     src: the .pt/.pth file.
@@ -122,7 +122,7 @@ def _read_torch_pickle(path: str) -> Dict[str, np.ndarray]:
   for key, value in state.items():
     value = value.detach().cpu()
     if value.is_floating_point() and value.dtype != torch.float32:
-      value = value.float()  # bfloat16 has no NumPy dtype; the import casts to float32 anyway
+      value = value.float()  # torch's .numpy() refuses bfloat16; the import casts to float32
     out[key] = value.numpy()
   return out
 
