@@ -1,4 +1,4 @@
-"""Backbones (ResNet, EfficientNet), the projector head, and torchvision weight import."""
+"""Backbones (ResNet, EfficientNet), the projector head, and PyTorch weight import."""
 
 from jaxembed.models.heads import Projector
 from jaxembed.models.heads import TSimCNEModel
@@ -7,13 +7,17 @@ from jaxembed.models.registry import NATURAL_IMAGE_SIZE
 from jaxembed.models.registry import backbone_kwargs
 from jaxembed.models.registry import create_backbone
 from jaxembed.models.registry import create_model
+from jaxembed.models.torch_import import ImportReport
+from jaxembed.models.torch_import import TorchRequiredError
+from jaxembed.models.torch_import import convert_command
 from jaxembed.models.torch_import import convert_state_dict
 from jaxembed.models.torch_import import load_pretrained
 from jaxembed.models.torch_import import load_torch_state_dict
 from jaxembed.models.torch_import import read_state_dict
 
 __all__ = [
-    "BACKBONES", "NATURAL_IMAGE_SIZE", "Projector", "TSimCNEModel", "backbone_kwargs",
-    "convert_state_dict", "create_backbone", "create_model",
-    "load_pretrained", "load_torch_state_dict", "read_state_dict",
+    "BACKBONES", "ImportReport", "NATURAL_IMAGE_SIZE", "Projector", "TSimCNEModel",
+    "TorchRequiredError", "backbone_kwargs", "convert_command", "convert_state_dict",
+    "create_backbone", "create_model", "load_pretrained", "load_torch_state_dict",
+    "read_state_dict",
 ]
