@@ -28,6 +28,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import numpy as st_numpy
 
 from jaxembed.models import efficientnet
 from jaxembed.models import registry
@@ -89,7 +90,6 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise ValueError(f"no weight file at {path!r}")
   if path.endswith(".safetensors"):
-    from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
     return dict(st_numpy.load_file(path))
   if path.endswith(".npz"):
     with np.load(path, allow_pickle=False) as data:
@@ -105,6 +105,7 @@ def _read_torch_pickle(path: str) -> Dict[str, np.ndarray]:
   """torch.load with weights_only=True (no code from the file runs), then the state dict."""
   safetensors_path = os.path.splitext(path)[0] + ".safetensors"
   try:
+    # Optional: torch is not a dependency (and takes 4.5 s to import).
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise TorchRequiredError(
