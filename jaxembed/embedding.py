@@ -11,7 +11,13 @@ from jaxembed.data import pipeline
 
 
 @functools.lru_cache(maxsize=16)
-def _embed_fn(model, mesh):
+def embed_fn(model, mesh):
+  """The jitted ``fn(variables, images) -> {"features", "hidden", "z"}`` that :func:`embed` runs.
+
+  Variables replicated, images (uint8 or float in [0, 1]) and outputs split
+  over the mesh's ``data`` axis.
+  """
+
   def fn(variables, images):
     x = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
     return model.apply(variables, x, train=False)
@@ -27,7 +33,7 @@ def embed(model, variables, images, mesh, batch_size=1024):
   """
   n = len(images)
   ndev = mesh.devices.size
-  fn = _embed_fn(model, mesh)
+  fn = embed_fn(model, mesh)
   parts = []
   for start, stop, padded in pipeline.padded_chunks(n, batch_size, ndev):
     chunk = np.asarray(images[start:stop])

@@ -197,9 +197,13 @@ def _backend_started():
 # -------------------------------------------------------------------------- mesh
 
 
-def make_mesh(num_devices=None):
-  """A 1-D ``data`` mesh over all (or the first ``num_devices``) devices."""
-  devices = jax.devices()
+def make_mesh(num_devices=None, devices=None):
+  """A 1-D ``data`` mesh over all (or the first ``num_devices``) devices.
+
+  ``devices`` replaces ``jax.devices()``, e.g. by compile-only devices of a
+  TPU slice (jaxembed.aot) for a program compiled here and run there.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   n = len(devices) if num_devices is None else num_devices
   if n < 1 or n > len(devices):
     raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are present")

@@ -155,9 +155,12 @@ def setup_stage(config, stage, mesh, steps_per_epoch, *, variables=None, image_s
                                                 tx, stage.first_step))
   step = None
   if with_step:
+    # The loss gets the mesh: each device computes its own rows of the
+    # 2B x 2B matrix (shard_map), instead of XLA partitioning the whole
+    # matrix, which above B = 1024 puts collectives inside the row-block loop.
+    loss_fn = losses.get_loss(config.loss.name, config.loss.temperature, mesh=mesh)
     step = train_step.make_train_step(
-        model, tx, losses.get_loss(config.loss.name, config.loss.temperature), config.aug,
-        config.batch_size, mesh, stage.trainable,
+        model, tx, loss_fn, config.aug, config.batch_size, mesh, stage.trainable,
         chunk_size=configlib.train_option(config, "chunk_size"), streaming=streaming)
   return StageSetup(model=model, tx=tx, state=state, step=step)
 
