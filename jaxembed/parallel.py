@@ -267,5 +267,22 @@ def to_host(x):
   return jax.tree.map(np.asarray, jax.device_get(x))  # one transfer call for the whole tree
 
 
+def gather_rows(local):
+  """Every process's rows of ``local`` (NumPy; the count may differ by process), on every process.
+
+  The rows come in process order: with contiguous shares of a split per
+  process, that is the split's order. One process: ``local`` itself.
+  """
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    return local
+  counts = np.asarray(multihost_utils.process_allgather(np.array([len(local)], np.int64)))
+  counts = counts.reshape(-1)
+  padded = np.zeros((int(counts.max()),) + local.shape[1:], local.dtype)
+  padded[:len(local)] = local
+  every = np.asarray(multihost_utils.process_allgather(padded))  # (processes, max, ...)
+  return np.concatenate([every[p, :counts[p]] for p in range(len(counts))])
+
+
 def is_main_process():
   return jax.process_index() == 0

@@ -153,7 +153,8 @@ def embedding_html(path, xy, labels=None, ids=None, split=None, images=None, tit
     rng = np.random.default_rng(seed)
     chosen = np.arange(n) if n <= max_thumbnails else np.sort(
         rng.choice(n, max_thumbnails, replace=False))
-    thumbs = dict(zip(chosen.tolist(), thumbnail_uris(np.asarray(images)[chosen])))
+    # images[chosen], not np.asarray(images): images may be read from files on demand.
+    thumbs = dict(zip(chosen.tolist(), thumbnail_uris(np.asarray(images[chosen]))))
   nb = None
   if neighbours is not None:
     nb = np.asarray(neighbours)

@@ -165,12 +165,12 @@ def setup_stage(config, stage, mesh, steps_per_epoch, *, variables=None, image_s
   return StageSetup(model=model, tx=tx, state=state, step=step)
 
 
-def variables_for_stage(config, stage, model, state, train_images, mesh, root_key):
+def variables_for_stage(config, stage, model, state, ds, mesh, root_key):
   """The variables a new stage starts from: the previous state's, with a new output layer.
 
   The output layer follows ``stage.head_init`` (:func:`new_head`); its key is
   ``fold_in(fold_in(root_key, 2), stage.index)``. For ``pca`` the previous
-  model embeds ``train_images`` to find the hidden layer's principal
+  model embeds the training images of ``ds`` to find the hidden layer's principal
   directions.
   """
   params = dict(jax.device_get(state["params"]))
@@ -178,7 +178,8 @@ def variables_for_stage(config, stage, model, state, train_images, mesh, root_ke
   if stage.head_init == "pca":
     hidden = embedding.embed(model, {"params": state["params"],
                                      "batch_stats": state["batch_stats"]},
-                             train_images, mesh, config.eval.batch_size)["hidden"]
+                             ds.train_images, mesh, config.eval.batch_size,
+                             process_rows=ds.process_rows)["hidden"]
   key = jax.random.fold_in(jax.random.fold_in(root_key, 2), stage.index)
   params["projector"] = dict(params["projector"])
   params["projector"]["out"] = new_head(stage.head_init, key, hidden, stage.head_dim,

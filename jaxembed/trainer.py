@@ -83,15 +83,24 @@ def train_and_evaluate(config, workdir):
   if deterministic and main:
     print(f"Deterministic XLA ops: XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
-  # ---- data
-  ds = data_lib.load(config.data)
-  stats = data_lib.compute_stats(ds.train_images)
-  config = configlib.resolve_config(config, len(ds.train_images), stats, mesh.devices.size)
+  # ---- data: all of it on every process, or, streamed from a folder, this process's share
+  streaming = bool(config.data.get("streaming", False))
+  if streaming and config.data.source == "folder":
+    ds = streaming_lib.load_process_share(config.data)
+    stats = ds.stats()
+    print(f"Process {jax.process_index()} of {jax.process_count()} holds training images "
+          f"{ds.train_rows[0]}-{ds.train_rows[1] - 1} of {ds.num_train} and test images "
+          f"{ds.test_rows[0]}-{ds.test_rows[1] - 1} of {ds.num_test} (data.streaming).",
+          flush=True)
+  else:
+    ds = data_lib.load(config.data)
+    stats = data_lib.compute_stats(ds.train_images)
+  config = configlib.resolve_config(config, ds.num_train, stats, mesh.devices.size)
   workdir_lib.check_or_write_config(workdir, config, workdir_lib.new_run_record(config, ds, stats),
                                     write=main)
 
   # ---- schedule
-  spe = pipeline.steps_per_epoch(len(ds.train_images), config.batch_size)
+  spe = pipeline.steps_per_epoch(ds.num_train, config.batch_size)
   stages = schedule.build_stages(stage_dicts, spe)
   root_key = jax.random.key(config.seed)
   manager = checkpoint.create_manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -107,7 +116,6 @@ def train_and_evaluate(config, workdir):
 
   # ---- state for the stage we start in, restored from the newest checkpoint
   stage = schedule.stage_of_step(stages, latest) if latest is not None else stages[0]
-  streaming = bool(config.data.get("streaming", False))
   setup = train_state.setup_stage(config, stage, mesh, spe, image_shape=ds.image_shape,
                                   key=jax.random.fold_in(root_key, 0),
                                   load_pretrained=stage.index == 0, streaming=streaming)
@@ -132,8 +140,8 @@ def train_and_evaluate(config, workdir):
   last_evaluation = None
   for s in stages[stage.index:]:
     if s.index > stage.index:
-      variables = train_state.variables_for_stage(config, s, setup.model, state, ds.train_images,
-                                                  mesh, root_key)
+      variables = train_state.variables_for_stage(config, s, setup.model, state, ds, mesh,
+                                                  root_key)
       setup = train_state.setup_stage(config, s, mesh, spe, variables=variables,
                                       streaming=streaming)
       state = setup.state
@@ -197,7 +205,7 @@ def _train_stage(run, stage, model, train_step, state):
   progress = _Progress(step)
   while step < stage.last_step:
     if batches is None:
-      idx = pipeline.batch_indices(config.seed, step, len(run.ds.train_images), config.batch_size)
+      idx = pipeline.batch_indices(config.seed, step, run.ds.num_train, config.batch_size)
       state, step_metrics = train_step(state, run.images_all,
                                        parallel.global_from_full(run.mesh, idx), run.step_key)
     else:
@@ -287,9 +295,10 @@ def evaluate_embedding(model, variables, ds, mesh, config):
   embedded but not scored, and a run without a test split is scored only
   under the paper protocol.
   """
-  train = embedding.embed(model, variables, ds.train_images, mesh, config.eval.batch_size)
-  test = (embedding.embed(model, variables, ds.test_images, mesh, config.eval.batch_size)
-          if len(ds.test_images) else {k: v[:0] for k, v in train.items()})
+  embed = lambda images: embedding.embed(model, variables, images, mesh,  # noqa: E731
+                                         config.eval.batch_size, process_rows=ds.process_rows)
+  train = embed(ds.train_images)
+  test = embed(ds.test_images) if ds.num_test else {k: v[:0] for k, v in train.items()}
   metrics = {"protocol": config.eval.protocol, "head_dim": int(train["z"].shape[1])}
   labelled = ds.train_labels.ndim == 1 and bool(np.all(ds.train_labels >= 0))
   if not labelled:
@@ -317,8 +326,8 @@ def evaluate_and_log(run, model, state, announce=False):
   run.writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
                                   if isinstance(v, float)})
   if run.main and config.outputs.plots and metrics["head_dim"] == 2:
-    split = test if len(ds.test_images) else train
-    labels = ds.test_labels if len(ds.test_images) else ds.train_labels
+    split = test if ds.num_test else train
+    labels = ds.test_labels if ds.num_test else ds.train_labels
     png = plots.scatter_image(split["z"], labels if labels.ndim == 1 else None,
                               title=f"step {step}")
     run.writer.write_images(step, {"eval/map": plots.decode_png(png)[None]})

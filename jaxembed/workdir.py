@@ -61,6 +61,8 @@ def prepare_workdir(path):
 
 def data_hash(ds):
   """SHA-256 over the images and labels of both splits: identifies the data a run used."""
+  if ds.process_rows:  # no process holds every image: each hashes its own, then all together
+    return ds.fingerprint()
   h = hashlib.sha256()
   for arr in (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels):
     arr = np.ascontiguousarray(arr)
@@ -76,8 +78,8 @@ def new_run_record(config, ds, stats):
       "seed": config.seed,
       "data_hash": data_hash(ds),
       "data_stats": stats,
-      "num_train": int(len(ds.train_images)),
-      "num_test": int(len(ds.test_images)),
+      "num_train": int(ds.num_train),
+      "num_test": int(ds.num_test),
       "image_shape": list(ds.image_shape),
       "versions": {
           "jaxembed": version.__version__, "jax": jax.__version__, "flax": flax.__version__,
@@ -209,7 +211,7 @@ def write_run_outputs(workdir, config, ds, train_out, test_out, metrics):
   png = None
   arrays = write_embeddings(os.path.join(workdir, EMBEDDINGS), out, labels, split, ids)
   if config.outputs.plots:
-    images = np.concatenate([ds.train_images, ds.test_images])
+    images = ds.all_images()
     title = f"t-SimCNE, {ds.name}: kNN {metrics.get('knn_accuracy', float('nan')):.3f}, " \
             f"silhouette {metrics.get('silhouette', float('nan')):.3f} (test split)"
     png = plots.scatter_png(os.path.join(workdir, "embedding.png"), arrays["embedding"], labels,

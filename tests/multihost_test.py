@@ -9,13 +9,16 @@ grouped differently in the two layouts, so results agree to rounding, not
 bit for bit.
 """
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from jaxembed import losses
@@ -106,7 +109,7 @@ def flat_params(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_two_process_training_ends_with_the_parameters_of_one(tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
   codes, logs = run_processes(["-m", "jaxembed.train", *TRAIN_ARGS, "--workdir", str(one)], 1)
@@ -127,3 +130,81 @@ def test_two_process_training_ends_with_the_parameters_of_one(tmp_path):
   a, b = np.load(one / "embeddings.npz"), np.load(two / "embeddings.npz")
   np.testing.assert_allclose(b["embedding"], a["embedding"], rtol=0,
                              atol=1e-5 * np.abs(a["embedding"]).max())
+
+  # A preempted slice that comes back in another shape: the two-process run's
+  # checkpoint at the end of stage 1 (2 processes x 4 devices) resumes in ONE
+  # process with 4 devices and trains on with the same global batch to the
+  # same parameters, up to the rounding of sums grouped over other devices.
+  moved = tmp_path / "moved"
+  shutil.copytree(two, moved)
+  step = rewind(moved)
+  proc = subprocess.run([sys.executable, "-m", "jaxembed.train", *TRAIN_ARGS, "--workdir",
+                         str(moved)], cwd=REPO, env=child_env(4), capture_output=True, text=True,
+                        timeout=240)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert f"Resuming from the checkpoint at step {step} (stage 1)" in proc.stdout
+  step_moved, got = flat_params(moved)
+  assert step_moved == step_one
+  assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want)
+  assert json.loads((moved / "config.json").read_text())["batch_size"] == json.loads(
+      (two / "config.json").read_text())["batch_size"]
+
+
+def rewind(workdir):
+  """Turns a finished workdir back into one stopped at its first checkpoint; returns its step."""
+  ckpt = workdir / "checkpoints"
+  steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  for s in steps[1:]:
+    shutil.rmtree(ckpt / str(s))
+  for name in ("metrics.json", "embeddings.npz", "embeddings.csv", "stage_metrics.json"):
+    (workdir / name).unlink(missing_ok=True)
+  return steps[0]
+
+
+def make_folder(root, n_per_class=25):
+  """Two class folders of small random RGB PNGs (odd counts: unequal shares)."""
+  rng = np.random.default_rng(0)
+  for c in ("a", "b"):
+    (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(n_per_class):
+      Image.fromarray(rng.integers(0, 256, (10, 10, 3)).astype(np.uint8)).save(
+          root / c / f"{i}.png")
+  return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_streamed_processes_each_hold_only_their_rows_and_train_as_one(tmp_path):
+  # data.streaming from a folder: no process loads the whole dataset; each
+  # holds a contiguous share of each split for its part of the statistics and
+  # of the evaluation. Two such processes end with the parameters and map of
+  # one process holding everything.
+  folder = make_folder(tmp_path / "images")
+  args = ["-m", "jaxembed.train", "--config", "configs/digits.py:smoke",
+          "--config.data.source=folder", f"--config.data.path={folder}",
+          "--config.data.max_examples=1000", "--config.data.test_fraction=0.2",
+          "--config.data.streaming=True", "--config.batch_size=16",
+          "--config.stages.lr_scale=(1.0,1.0,0.001)", "--config.optimizer.name=sgd",
+          "--config.optimizer.base_lr=0.03", "--config.outputs.plots=False",
+          "--config.aug.preset=none", "--config.aug.grayscale_p=0.5"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  codes, logs = run_processes([*args, "--workdir", str(one)], 1)
+  assert codes == [0], logs[0][-3000:]
+  codes, logs = run_processes([*args, "--workdir", str(two)], 2)
+  assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+  # 50 images: 40 train (stratified 80/20), 10 test; each process reads half of each split.
+  assert "Process 0 of 2 holds training images 0-19 of 40 and test images 0-4 of 10" in logs[0]
+  assert "Process 1 of 2 holds training images 20-39 of 40 and test images 5-9 of 10" in logs[1]
+  step_one, want = flat_params(one)
+  step_two, got = flat_params(two)
+  assert step_one == step_two > 0
+  assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want)
+  a, b = np.load(one / "embeddings.npz"), np.load(two / "embeddings.npz")
+  np.testing.assert_array_equal(b["ids"], a["ids"])
+  np.testing.assert_allclose(b["embedding"], a["embedding"], rtol=0,
+                             atol=1e-5 * np.abs(a["embedding"]).max())
+  config_one = json.loads((one / "config.json").read_text())
+  config_two = json.loads((two / "config.json").read_text())
+  # The statistics summed over the processes equal one process's, exactly.
+  assert config_two["run"]["data_stats"] == config_one["run"]["data_stats"]
+  assert config_two["run"]["data_hash"] == config_one["run"]["data_hash"]

@@ -35,9 +35,25 @@ class Dataset:
   class_names: tuple = ()
   intensity_range: tuple | None = None
 
+  # The images of every split are all here (a streamed run's host data holds
+  # only this process's rows instead: jaxembed.data.streaming.ProcessShare).
+  process_rows = False
+
   @property
   def image_shape(self):
     return self.train_images.shape[1:]
+
+  @property
+  def num_train(self):
+    return len(self.train_images)
+
+  @property
+  def num_test(self):
+    return len(self.test_images)
+
+  def all_images(self):
+    """The train, then the test images (the rows of embeddings.npz)."""
+    return np.concatenate([self.train_images, self.test_images])
 
   @property
   def is_labelled(self):

@@ -17,14 +17,20 @@ ahead, while tf.data decodes the next ones on CPU threads.
   different order than the in-memory path.
 
 The trainer streams its training batches from here when ``data.streaming``
-is set (positioned at the resumed step); evaluation still embeds the host
-copy of the data.
+is set (positioned at the resumed step). No process then holds the whole
+dataset: for a folder source, :func:`load_process_share` reads only this
+process's contiguous share of each split, for its part of the statistics and
+of the evaluation embeddings (labels and ids, from the file listing, are kept
+whole), so host memory per process is 1/process_count of the images.
 
 TensorFlow is imported on the first call (8-9 s on the 2-core VM), never by
 the rest of jaxembed.data.
 """
 
 import collections
+import dataclasses
+import hashlib
+import os
 
 import jax
 import numpy as np
@@ -34,6 +40,7 @@ from jaxembed.data import convert
 from jaxembed.data import dataset
 from jaxembed.data import folder as folder_lib
 from jaxembed.data import pipeline
+from jaxembed.data import stats as stats_lib
 from jaxembed.data import tfds_source
 from jaxembed.data.convert import DataError
 
@@ -44,17 +51,175 @@ def _epoch_seed(seed, epoch):
   return int(np.random.default_rng([seed, epoch]).integers(2**31 - 1))
 
 
-def folder_train_paths(data_config):
-  """The training files of a folder source, as ``load`` splits them (without reading the files)."""
-  paths, labels, _ = folder_lib.list_images(data_config.get("path"))
+def folder_splits(data_config):
+  """The train and test files of a folder source as ``load`` splits them (no file is read).
+
+  Returns:
+    ((train paths, train labels), (test paths, test labels), class names).
+  """
+  paths, labels, class_names = folder_lib.list_images(data_config.get("path"))
   labels = convert.check_labels(labels, len(paths))
   index, labels, _ = dataset.select(np.arange(len(paths)), labels,
                                      np.asarray(paths), data_config, seed=0)
   frac = data_config.get("test_fraction", 0.2)
   if not 0.0 <= frac < 1.0:
     raise DataError(f"data.test_fraction must be in [0, 1), got {frac}")
-  train, _ = dataset.split_indices(labels, frac)
-  return [paths[i] for i in index[train]]
+  train, test = dataset.split_indices(labels, frac)
+  return (([paths[i] for i in index[train]], labels[train]),
+          ([paths[i] for i in index[test]], labels[test]), tuple(class_names))
+
+
+def folder_train_paths(data_config):
+  """The training files of a folder source, as ``load`` splits them (without reading the files)."""
+  return folder_splits(data_config)[0][0]
+
+
+@dataclasses.dataclass
+class ProcessShare:
+  """The host data of a streamed run: this process's rows of each split, all labels and ids.
+
+  Process p of P holds the images of rows ``[n * p // P, n * (p + 1) // P)``
+  of each split (``train_rows``, ``test_rows``), decoded as the streamed
+  batches decode them; labels and ids are whole. It answers what the trainer
+  asks of a :class:`jaxembed.data.Dataset`: counts, the image shape, the
+  statistics (:meth:`stats`, summed over the processes), a fingerprint of
+  the data, and lazily read images for the page's thumbnails.
+  """
+  train_images: np.ndarray          # this process's rows only
+  test_images: np.ndarray
+  train_labels: np.ndarray          # every row
+  train_ids: np.ndarray
+  test_labels: np.ndarray
+  test_ids: np.ndarray
+  train_rows: tuple
+  test_rows: tuple
+  paths: list                       # every train, then test file
+  data_config: object
+  image_shape: tuple
+  name: str = ""
+  class_names: tuple = ()
+  intensity_range: tuple | None = None
+
+  process_rows = True
+
+  @property
+  def num_train(self):
+    return len(self.train_labels)
+
+  @property
+  def num_test(self):
+    return len(self.test_labels)
+
+  @property
+  def is_labelled(self):
+    return self.train_labels.ndim == 1 and bool((self.train_labels >= 0).all())
+
+  def stats(self):
+    """jaxembed.data.compute_stats of all training images, from every process's exact sums."""
+    local = stats_lib.partial_sums(self.train_images.reshape((-1,) + tuple(self.image_shape)))
+    flat = np.array(local["pixels"] + local["squares"] + local["border"]
+                    + [local["count"], local["border_count"]], np.int64)
+    every = parallel.gather_rows(flat[None])  # (processes, fields)
+    c = len(local["pixels"])
+    parts = [{"pixels": list(map(int, r[:c])), "squares": list(map(int, r[c:2 * c])),
+              "border": list(map(int, r[2 * c:3 * c])), "count": int(r[-2]),
+              "border_count": int(r[-1])} for r in every]
+    return stats_lib.from_sums(stats_lib.add_sums(parts))
+
+  def fingerprint(self):
+    """SHA-256 over every image's digest, the labels and the shape (the run record's data hash)."""
+    h = hashlib.sha256(f"streamed folder {self.image_shape}".encode())
+    for images, labels in ((self.train_images, self.train_labels),
+                           (self.test_images, self.test_labels)):
+      local = np.array([np.frombuffer(hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest(),
+                                      np.uint8) for x in images], np.uint8).reshape(-1, 32)
+      h.update(parallel.gather_rows(local).tobytes())
+      h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()
+
+  def all_images(self):
+    """Every train, then test image, read from its file when asked for (thumbnails)."""
+    return FileImages(self.paths, self.data_config, self.intensity_range, self.image_shape)
+
+
+class FileImages:
+  """Images read from their files on indexing: ``images[idx]`` -> uint8 (len(idx), H, W, C)."""
+
+  def __init__(self, paths, data_config, vrange, image_shape):
+    self.paths, self.data_config, self.vrange = list(paths), data_config, vrange
+    self.shape = (len(self.paths),) + tuple(image_shape)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, index):
+    size, channels = self.data_config.get("image_size"), self.data_config.get("channels")
+    if np.ndim(index) == 0:
+      return _prepare(folder_lib.read_image(self.paths[int(index)]), self.data_config,
+                      self.vrange, size, channels)
+    return np.stack([self[i] for i in np.asarray(index).reshape(-1)])
+
+
+def load_process_share(data_config):
+  """This process's :class:`ProcessShare` of a folder source (``data.streaming``).
+
+  Unreadable files raise (as the streamed batches do): a skipped file would
+  shift every later row. Non-uint8 files with ``intensity="minmax"`` are
+  scaled with the range of all processes' files together.
+  """
+  if data_config.get("source") != "folder":
+    raise DataError(f"per-process loading reads data.source 'folder', not "
+                    f"{data_config.get('source')!r}")
+  (train_paths, train_labels), (test_paths, test_labels), class_names = folder_splits(
+      data_config)
+  pi, pc = jax.process_index(), jax.process_count()
+  rows = [(len(p) * pi // pc, len(p) * (pi + 1) // pc) for p in (train_paths, test_paths)]
+  mine = [p[a:b] for p, (a, b) in zip((train_paths, test_paths), rows)]
+  raw = []
+  for part in mine:
+    arrays = []
+    for path in part:
+      try:
+        arrays.append(folder_lib.read_image(path))
+      except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    raw.append(arrays)
+  vrange = None
+  intensity = data_config.get("intensity", "minmax")
+  if intensity == "minmax":
+    # Every process takes part (a collective), whether or not its files need it.
+    ranges = [convert.value_range(a[None], intensity, None)
+              for part in raw for a in part if a.dtype != np.uint8]
+    lo = min((r[0] for r in ranges), default=np.inf)
+    hi = max((r[1] for r in ranges), default=-np.inf)
+    every = parallel.gather_rows(np.array([[lo, hi]], np.float64))
+    if np.isfinite(every[:, 0]).any():
+      vrange = (float(every[:, 0].min()), float(every[:, 1].max()))
+  elif intensity == "window":
+    vrange = tuple(data_config.get("window"))
+  size, channels = data_config.get("image_size"), data_config.get("channels")
+  images, shape = [], None
+  for part, paths in zip(raw, mine):
+    out = []
+    for a, path in zip(part, paths):
+      x = _prepare(a, data_config, vrange, size, channels)
+      shape = shape or x.shape
+      if x.shape != shape:
+        raise DataError(f"{path} has shape {x.shape} but {paths[0]} has {shape}; set "
+                        "data.image_size and data.channels to make them agree")
+      out.append(x)
+    images.append(out)
+  if shape is None:  # this process holds no image: ask a file for the shape
+    shape = _prepare(folder_lib.read_image(train_paths[0]), data_config, vrange, size,
+                     channels).shape
+  stacked = [np.stack(x) if x else np.zeros((0,) + shape, np.uint8) for x in images]
+  ids = [np.array([os.path.normpath(p) for p in ps]) for ps in (train_paths, test_paths)]
+  return ProcessShare(
+      train_images=stacked[0], test_images=stacked[1], train_labels=train_labels,
+      train_ids=ids[0], test_labels=test_labels, test_ids=ids[1], train_rows=rows[0],
+      test_rows=rows[1], paths=list(train_paths) + list(test_paths), data_config=data_config,
+      image_shape=tuple(shape), name=os.path.basename(os.path.normpath(data_config.get("path"))),
+      class_names=class_names, intensity_range=vrange)
 
 
 def _prepare(arr, data_config, vrange, size, channels):
