@@ -10,6 +10,7 @@ import argparse
 import ast
 import difflib
 import importlib.util
+import logging as std_logging
 import os
 import sys
 
@@ -53,16 +54,32 @@ def quiet_startup(args):
   user set wins), and ``--verbosity=1`` or more or JAXEMBED_TF_LOGS=1 leave
   them unset.
   """
-  verbose = os.environ.get(TF_LOGS_ENV, "") not in ("", "0")
+  if not verbose(args):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def verbose(args):
+  """True when ``--verbosity=1`` or more (absl's flag) or JAXEMBED_TF_LOGS=1 asks for more lines."""
   for a in args:
     if a == "--":
       break
     key, _, value = a.partition("=")
     if key in ("--verbosity", "-v") and value.lstrip("-").isdigit() and int(value) >= 1:
-      verbose = True
-  if not verbose:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+      return True
+  return os.environ.get(TF_LOGS_ENV, "") not in ("", "0")
+
+
+class _NoOrbaxNotices(std_logging.Filter):
+  """Drops Orbax's warnings below ERROR from a command's output.
+
+  Orbax warns through absl on every read-only CheckpointManager ("Given
+  directory is read only=..."), which is how export and search load a run on
+  purpose; the user can do nothing about it. ``--verbosity=1`` keeps them.
+  """
+
+  def filter(self, record):
+    return record.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 # ------------------------------------------------------------------ shipped configs
@@ -232,6 +249,8 @@ def run(main, args=None, user_errors=USER_ERRORS, help_extra=None):
   if len(rest) > 1:
     fail(f"unexpected arguments {rest[1:]}; every option is a --flag (see {prog()} --help)")
   logging.use_absl_handler()
+  if not verbose(args):
+    logging.get_absl_handler().addFilter(_NoOrbaxNotices())
   try:
     status = main(rest)
   except Exception as e:  # pylint: disable=broad-except

@@ -1,6 +1,7 @@
 """The ``jaxembed`` command line: help, one-line errors, shipped config names, a quiet start-up."""
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -278,3 +279,14 @@ def test_tensorboard_events_without_tensorflow(tmp_path, without_tensorflow):
   image = acc.Images("eval/map")[0]
   assert (image.step, image.width, image.height) == (3, 5, 4)
   assert "tensorflow" not in sys.modules
+
+
+def test_orbax_notices_are_dropped_unless_verbose():
+  def record(path, level):
+    return logging.LogRecord("absl", level, path, 1, "Given directory is read only", None, None)
+  keep = cli._NoOrbaxNotices().filter  # pylint: disable=protected-access
+  orbax = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+  assert not keep(record(orbax, logging.WARNING))
+  assert keep(record(orbax, logging.ERROR))
+  assert keep(record(os.path.join("jaxembed", "data", "folder.py"), logging.WARNING))
+  assert cli.verbose(["--verbosity=1"]) and not cli.verbose(["--verbosity=0"])
