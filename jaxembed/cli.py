@@ -207,24 +207,25 @@ def print_help(module_name, full=False, extra=None):
 # ----------------------------------------------------------------------- run
 
 
-def run(main, args=None, user_errors=USER_ERRORS, help_extra=None):
-  """Parses the absl flags in ``args`` and runs ``main``; returns the exit status.
+def run(main, argv=None, user_errors=USER_ERRORS, help_extra=None):
+  """Parses the absl flags in ``argv`` and runs ``main``; returns 0 or exits with the status.
 
   Args:
     main: ``main(argv)`` of an absl command, called with the program name and
       what is left after the flags (must be nothing else).
-    args: the command's arguments without the program name (default sys.argv[1:]).
+    argv: the program name and the command's arguments (default sys.argv);
+      help and errors name the program as typed (``prog()``).
     user_errors: exception types that end the command with ``error: <message>``
       and exit status 2 instead of a traceback.
     help_extra: text printed at the end of ``--help``.
 
-  Help exits 0; a flag error exits 2 with one line naming the flag and the
+  Help returns 0; a flag error exits 2 with one line naming the flag and the
   known ones. An exception whose class has an ``exit_status`` attribute ends
-  the command with its message in one line and that status, whichever command
-  raised it (the place to give an exception type its own exit status without
-  importing it here).
+  the command with ``error: <message>`` and that status, whichever command
+  raised it: the place to give an exception type its own exit status (a
+  signal's 143 or 130) without importing it here; ``user_errors`` exit 2.
   """
-  args = list(sys.argv[1:] if args is None else args)
+  args = list(sys.argv[1:] if argv is None else argv[1:])
   quiet_startup(args)
   module_name = main.__module__
   mode = wants_help(args)
@@ -252,7 +253,7 @@ def run(main, args=None, user_errors=USER_ERRORS, help_extra=None):
   if not verbose(args):
     logging.get_absl_handler().addFilter(_NoOrbaxNotices())
   try:
-    status = main(rest)
+    main(rest)
   except Exception as e:  # pylint: disable=broad-except
     status = getattr(type(e), "exit_status", None)
     if status is None and isinstance(e, user_errors):
@@ -260,7 +261,8 @@ def run(main, args=None, user_errors=USER_ERRORS, help_extra=None):
     if status is None:
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
-  return 0 if status is None else status
+    sys.exit(status)
+  return 0
 
 
 class ArgumentParser(argparse.ArgumentParser):

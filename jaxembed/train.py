@@ -49,7 +49,8 @@ def main(argv):
 
 def run(argv=None):
   """``jaxembed train``: ``argv`` are its arguments (default sys.argv[1:]); returns the exit status."""
-  return cli.run(main, argv, help_extra=cli.config_fields_help())
+  return cli.run(main, None if argv is None else [cli.prog(), *argv],
+                 help_extra=cli.config_fields_help())
 
 
 if __name__ == "__main__":

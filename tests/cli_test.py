@@ -234,7 +234,12 @@ def test_run_ends_with_one_line_and_the_exception_s_status(raised, status, line,
     assert argv == [cli.prog()]
     if raised:
       raise raised
-  assert cli.run(command, []) == status
+  if status:
+    with pytest.raises(SystemExit) as exit_info:
+      cli.run(command, ["prog"])
+    assert exit_info.value.code == status
+  else:
+    assert cli.run(command, ["prog"]) == 0
   err = capsys.readouterr().err.strip()
   assert err == (line or "")
 
@@ -243,7 +248,7 @@ def test_run_lets_bugs_through():
   def command(argv):
     raise RuntimeError("a bug")
   with pytest.raises(RuntimeError, match="a bug"):
-    cli.run(command, [])
+    cli.run(command, ["prog"])
 
 
 def test_search_command_metrics_are_the_library_s():

@@ -62,4 +62,4 @@ def main(argv):
 def run(argv=None):
   """``jaxembed export``: ``argv`` are its arguments (default sys.argv[1:]); returns the exit status."""
   _define_flags()
-  return cli.run(main, argv)
+  return cli.run(main, None if argv is None else [cli.prog(), *argv])
