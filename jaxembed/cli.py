@@ -182,11 +182,12 @@ def _flags_key(module_name):
 
 def known_flags(module_name):
   """The command's own flags, ``--name`` each, in the order defined."""
-  return [f"--{f.name}" for f in flags.FLAGS.flags_by_module_dict().get(_flags_key(module_name), [])]
+  defined = flags.FLAGS.flags_by_module_dict().get(_flags_key(module_name), [])
+  return [f"--{f.name}" for f in defined]
 
 
 def print_help(module_name, full=False, extra=None):
-  """Usage, the module's docstring and its flags; ``full`` adds absl's own flags (--verbosity ...)."""
+  """Usage, the module's docstring and its flags; ``full`` adds absl's flags (--verbosity ...)."""
   key = _flags_key(module_name)
   doc = (sys.modules[module_name].__doc__ or "").strip().replace("``", "")
   print(f"usage: {prog()} [--flag=value ...]\n")
@@ -245,7 +246,7 @@ def run(main, argv=None, user_errors=USER_ERRORS, help_extra=None):
   except (AttributeError, KeyError) as e:  # an override of a field the config does not have
     fail(f"unknown config field {str(e).strip(chr(34))} in an override; every field is listed in "
          f"{os.path.join(configs_dir(), 'common.py')}")
-  except Exception as e:  # a config file may raise anything while loading  # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except  # a config file may raise anything
     fail(f"{type(e).__name__}: {_flag_message(e)}")
   if len(rest) > 1:
     fail(f"unexpected arguments {rest[1:]}; every option is a --flag (see {prog()} --help)")

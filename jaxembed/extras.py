@@ -1,4 +1,4 @@
-"""Optional dependencies: imported by the few paths that need them, with a one-line error naming the extra.
+"""Optional dependencies: imported where needed, with a one-line error naming the extra to install.
 
 TensorFlow (the ``tf`` extra, ``pip install "jaxembed[tf]"``; 1.3 GB of a
 2.6 GB environment) is needed only to read TFDS datasets prepared as
@@ -18,7 +18,7 @@ class MissingExtra(ImportError):
 
 
 def tensorflow(needed_for, alternative=None):
-  """The ``tensorflow`` module, or MissingExtra: "<needed_for> needs TensorFlow ... [; or <alternative>]"."""
+  """The ``tensorflow`` module, or MissingExtra: "<needed_for> needs TensorFlow ..."."""
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -1,4 +1,4 @@
-"""The ``jaxembed`` command: training, export, search, clustering and the shipped configs in one tool.
+"""The ``jaxembed`` command: training, export, search, clustering and the shipped configs, one tool.
 
   jaxembed train   --config digits --workdir runs/digits
   jaxembed export  --workdir runs/digits
@@ -52,8 +52,8 @@ def usage():
 def list_configs(args):
   """``jaxembed configs``: each shipped config with the first line of its docstring."""
   if cli.wants_help(args):
-    print(f"usage: {cli.prog()}\n\nLists each shipped config (for --config NAME[:ARGS]) with the first "
-          "line of its docstring.")
+    print(f"usage: {cli.prog()}\n\nLists each shipped config (for --config NAME[:ARGS]) with the "
+          "first line of its docstring.")
     return 0
   if args:
     cli.fail(f"{cli.prog()} takes no arguments, got {' '.join(args)}")

@@ -1,4 +1,4 @@
-"""Training: ``jaxembed train --config NAME[:ARGS] --workdir DIR`` (or ``python -m jaxembed.train``).
+"""Training: ``jaxembed train --config NAME[:ARGS] --workdir DIR`` (``python -m jaxembed.train``).
 
 Trains t-SimCNE as the config says, resuming from the newest checkpoint in
 DIR if there is one, and writes the outputs of DESIGN.md 3b into DIR.
@@ -48,7 +48,7 @@ def main(argv):
 
 
 def run(argv=None):
-  """``jaxembed train``: ``argv`` are its arguments (default sys.argv[1:]); returns the exit status."""
+  """``jaxembed train`` with ``argv`` (default sys.argv[1:]); returns the exit status."""
   return cli.run(main, None if argv is None else [cli.prog(), *argv],
                  help_extra=cli.config_fields_help())
 

@@ -271,14 +271,14 @@ def test_clu_writer_without_tensorflow_names_the_extra(tmp_path, without_tensorf
 
 def test_tensorboard_events_without_tensorflow(tmp_path, without_tensorflow):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator as events  # noqa
   writer = summary.create_writer(str(tmp_path))
   writer.write_hparams({"batch_size": 8})
   writer.write_scalars(3, {"train/loss": 1.5})
   writer.write_images(3, {"eval/map": np.full((1, 4, 5, 3), 200, np.uint8)})
   writer.write_scalars(7, {"train/loss": 0.25})
   writer.close()
-  acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+  acc = events.EventAccumulator(str(tmp_path), size_guidance={"images": 0})
   acc.Reload()
   assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(3, 1.5), (7, 0.25)]
   image = acc.Images("eval/map")[0]

@@ -24,6 +24,7 @@ from jaxembed.data import streaming
 tfds = pytest.importorskip("tensorflow_datasets")
 
 N_TRAIN, N_TEST, TEST_OFFSET = 40, 12, 100
+NO_VALIDATION = r"no split 'validation'; its splits: \['test', 'train'\]"
 
 
 def cfg(**kw):
@@ -48,7 +49,7 @@ def write_split_metadata(data_dir, name, splits):
 
 
 def expected_image(i, shape):
-  """Image ``i`` of the tiny datasets: seeded noise whose first pixel is ``i`` (which image it is)."""
+  """Image ``i`` of the tiny datasets: seeded noise whose first pixel is ``i``."""
   img = np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8)
   img[0, 0, 0] = i
   return img
@@ -164,13 +165,14 @@ def test_tfrecord_data_without_tensorflow_name_the_extra(tmp_path, without_tenso
 
 def test_tfds_bad_inputs_without_tensorflow(tmp_path, array_record_dir, without_tensorflow):
   write_split_metadata(tmp_path, "mnist", {"train": 20, "test": 10})
-  with pytest.raises(data.DataError, match=r"no split 'validation'; its splits: \['test', 'train'\]"):
+  with pytest.raises(data.DataError, match=NO_VALIDATION):
     data.load(cfg(source="tfds", name="mnist", dir=str(tmp_path), train_split="validation"))
-  with pytest.raises(data.DataError, match=r"no split 'validation'; its splits: \['test', 'train'\]"):
+  with pytest.raises(data.DataError, match=NO_VALIDATION):
     data.load(cfg(source="tfds", name="tiny_rgb", dir=array_record_dir, test_split="validation"))
   with pytest.raises(data.DataError, match="no feature 'picture'"):
     data.load(cfg(source="tfds", name="tiny_rgb", dir=array_record_dir, image_key="picture"))
-  with pytest.raises(data.DataError, match="not prepared.*tfds build mnist --file_format=array_record"):
+  with pytest.raises(data.DataError,
+                     match="not prepared.*tfds build mnist --file_format=array_record"):
     data.load(cfg(source="tfds", name="mnist", dir=str(tmp_path / "empty")))
   with pytest.raises(data.DataError, match="TFDS has no dataset 'no_such_dataset_xyz'"):
     data.load(cfg(source="tfds", name="no_such_dataset_xyz", dir=str(tmp_path)))
@@ -204,7 +206,7 @@ def test_tfds_bad_inputs_through_tf_data(tmp_path):
   pytest.importorskip("tensorflow")
   write_split_metadata(tmp_path, "mnist", {"train": 20, "test": 10})
   with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path)):
-    with pytest.raises(data.DataError, match=r"no split 'validation'; its splits: \['test', 'train'\]"):
+    with pytest.raises(data.DataError, match=NO_VALIDATION):
       data.load(cfg(source="tfds", name="mnist", dir=str(tmp_path), test_split="validation"))
     with pytest.raises(data.DataError, match="no feature 'picture'"):
       data.load(cfg(source="tfds", name="mnist", dir=str(tmp_path), image_key="picture"))

@@ -1,4 +1,4 @@
-"""The wheel: the configs inside as jaxembed.configs, no top-level ``configs``, no TensorFlow by default."""
+"""The wheel: configs inside as jaxembed.configs, no top-level ``configs``, TensorFlow an extra."""
 
 import email.parser
 import importlib.metadata
@@ -64,7 +64,8 @@ def test_console_script_and_tensorflow_only_as_an_extra(wheel):
   assert "jaxembed = jaxembed.main:main" in entry_points
   meta = email.parser.Parser().parsestr(wheel[f"{dist_info}/METADATA"].decode())
   requires = meta.get_all("Requires-Dist")
-  tf = [r for r in requires if r.split(";")[0].strip().startswith(("tensorflow-cpu", "tensorflow>"))]
+  tf = [r for r in requires
+        if r.split(";")[0].strip().startswith(("tensorflow-cpu", "tensorflow>"))]
   assert tf and all('extra == "tf"' in r for r in tf), tf
   assert any(r.startswith("tensorflow-datasets") and "extra" not in r for r in requires)
   assert any(r.startswith("clu") and "extra" not in r for r in requires)

@@ -1,4 +1,4 @@
-"""End-to-end tests of ``jaxembed train`` / ``python -m jaxembed.train``: the workdir, resume, bad input."""
+"""End-to-end tests of ``jaxembed train``: outputs, resume, bad input."""
 
 import json
 import os

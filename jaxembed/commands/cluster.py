@@ -34,7 +34,7 @@ def parser():
 
 
 def run(argv=None):
-  """``jaxembed cluster``: ``argv`` are its arguments (default sys.argv[1:]); returns the exit status."""
+  """``jaxembed cluster`` with ``argv`` (default sys.argv[1:]); returns the exit status."""
   args = parser().parse_args(argv)
   # Deferred: jaxembed.cluster imports scikit-learn and matplotlib, jaxembed.runs JAX and Orbax
   # (3.8 s on 2 idle cores); help and flag errors answer without them.

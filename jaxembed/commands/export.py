@@ -60,6 +60,6 @@ def main(argv):
 
 
 def run(argv=None):
-  """``jaxembed export``: ``argv`` are its arguments (default sys.argv[1:]); returns the exit status."""
+  """``jaxembed export`` with ``argv`` (default sys.argv[1:]); returns the exit status."""
   _define_flags()
   return cli.run(main, None if argv is None else [cli.prog(), *argv])

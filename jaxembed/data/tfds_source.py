@@ -62,7 +62,7 @@ def check_split(b, split, data_config):
 
 
 def random_access(b):
-  """True when the prepared dataset has a format TFDS reads without TensorFlow (array_record, parquet)."""
+  """True when the prepared dataset has a format TFDS reads without TensorFlow (array_record...)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   formats = set(tfds.core.file_adapters.FileFormat.with_random_access())
   try:
