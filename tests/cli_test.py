@@ -295,3 +295,15 @@ def test_orbax_notices_are_dropped_unless_verbose():
   assert keep(record(orbax, logging.ERROR))
   assert keep(record(os.path.join("jaxembed", "data", "folder.py"), logging.WARNING))
   assert cli.verbose(["--verbosity=1"]) and not cli.verbose(["--verbosity=0"])
+
+
+def test_readme_commands_use_the_tool_and_ci_runs_the_test_command():
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  run_job, run_tests = [b for b in readme.split("```bash\n")[1:3]]
+  assert "pip install . && jaxembed train --config digits --workdir runs/digits" in run_job
+  test_command = run_tests.split("\n")[0].split(". .venv/bin/activate && ")[1]
+  with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+    assert test_command in f.read().splitlines()
+  table = readme.split("## The `jaxembed` command")[1].split("\n## ")[0]
+  assert all(f"| `jaxembed {name}" in table for name in FLAGS)
