@@ -1,16 +1,17 @@
 """CIFAR-10 with the t-SimCNE paper recipe (Böhm, Berens, Kobak, ICLR 2023).
 
-``python -m jaxembed.train --config configs/cifar10.py --workdir runs/cifar10
+``jaxembed train --config cifar10 --workdir runs/cifar10
 --config.data.dir=~/tensorflow_datasets`` reads TFDS "cifar10" from a data_dir
-prepared beforehand (``tfds build cifar10``; nothing is downloaded at run
-time). ``:smoke`` runs a few seconds.
+prepared beforehand (``tfds build cifar10 --file_format=array_record``, read
+without TensorFlow; the default TFRecord files need ``jaxembed[tf]``; nothing
+is downloaded at run time). ``cifar10:smoke`` runs a few seconds.
 
 Reference: ResNet-18 with the CIFAR stem, batch 1024, stages of
 [1000, 50, 450] epochs at lr [1, 1, 1/1000] x 0.03 * B / 256, warm-up
 [10, 0, 10], the default augmentation; train on "train", score on "test".
 """
 
-from configs import common
+from jaxembed.configs import common
 
 
 def get_config(arg=None):

@@ -1,11 +1,11 @@
 """The embedded default: scikit-learn's 1,797 digits, a small ResNet, minutes on two CPU cores.
 
-``python -m jaxembed.train --config configs/digits.py --workdir runs/digits``
-``--config configs/digits.py:smoke`` runs a few seconds (tests);
-``--config configs/digits.py:paper`` uses the reference schedule instead.
+``jaxembed train --config digits --workdir runs/digits``;
+``--config digits:smoke`` runs a few seconds (tests);
+``--config digits:paper`` uses the reference schedule instead.
 """
 
-from configs import common
+from jaxembed.configs import common
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Recipe: the reference's (t-SimCNE paper) ResNet-18 with the CIFAR stem, its
 default augmentation and the paper schedule of configs/common.py.
 """
 
-from configs import common
+from jaxembed.configs import common
 
 DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 

@@ -1,6 +1,6 @@
 """The medical recipe on a MedMNIST v2 dataset: 28x28, ResNet-18 (CIFAR stem), medical augmentation.
 
-``python -m jaxembed.train --config configs/medmnist.py:bloodmnist --workdir runs/blood
+``jaxembed train --config medmnist:bloodmnist --workdir runs/blood
 --config.data.path=/data/bloodmnist.npz`` (or ``--config.data.dir=/data`` holding
 ``bloodmnist.npz`` / ``bloodmnist_64.npz`` ...). The arg is the dataset name
 followed by variants: ``breastmnist,smoke`` runs a few seconds; ``64``,
@@ -16,8 +16,8 @@ paper's schedule from configs/common.py (1000 + 50 + 450 epochs, SGD 0.03 *
 B / 256). Training uses train + val, the test split is test (DESIGN.md 3c).
 """
 
-from configs import common
-from configs import digits
+from jaxembed.configs import common
+from jaxembed.configs import digits
 from jaxembed.data import medmnist as medmnist_data
 
 # The 2D datasets of MedMNIST v2 (Yang et al. 2023) with their channels.
@@ -27,8 +27,8 @@ DATASETS = tuple(medmnist_data.DATASETS)
 def get_config(arg=None):
   parts = [a.strip() for a in (arg or "").split(",") if a.strip()]
   if not parts or parts[0] not in DATASETS:
-    raise ValueError(f"configs/medmnist.py needs a dataset name first, e.g. "
-                     f"configs/medmnist.py:breastmnist,smoke; known: {', '.join(DATASETS)}")
+    raise ValueError(f"the medmnist config needs a dataset name first, e.g. "
+                     f"--config medmnist:breastmnist,smoke; known: {', '.join(DATASETS)}")
   name = parts[0]
   c = common.get_config()
   c.data.source = "medmnist"

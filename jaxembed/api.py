@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 from sklearn import base
 
-from configs import common
+from jaxembed.configs import common
 from jaxembed import files
 from jaxembed import runs
 from jaxembed import trainer
@@ -281,11 +281,11 @@ def _set_field(config, dotted, value):
   for p in parents:
     if p not in node:
       raise ValueError(f"config_overrides: unknown field {dotted!r} (no {p!r}); fields are in "
-                       "configs/common.py")
+                       "jaxembed/configs/common.py")
     node = node[p]
   if leaf not in node:
     raise ValueError(f"config_overrides: unknown field {dotted!r}; fields are in "
-                     "configs/common.py")
+                     "jaxembed/configs/common.py")
   with node.ignore_type():
     node[leaf] = tuple(value) if isinstance(value, list) else value
 

@@ -21,24 +21,19 @@ its border. :func:`write_cluster_report` writes all of it into a directory
 (``clusters.json``, ``cluster_contingency.csv``, ``cluster_assignments.csv``,
 ``cluster_sheet.png``, ``cluster_map.png``). See docs/cluster.md.
 
-Command line (a finished run's workdir)::
-
-  python -m jaxembed.cluster --workdir DIR [--method gmm|kmeans|hdbscan]
-      [--n_clusters K] [--k_min 2] [--k_max 20] [--seed 0] [--no_features] [--no_images]
-      [--outdir OUT]
+The command line, ``jaxembed cluster --workdir DIR`` (or ``python -m
+jaxembed.cluster``), is jaxembed.commands.cluster.
 
 Cluster numbers are ordered by size (0 is the largest), so that they do not
 depend on the estimator's internal order.
 """
 
-import argparse
 import contextlib
 import csv
 import dataclasses
 import io
 import os
 import sys
-import time
 
 import matplotlib
 from matplotlib import figure
@@ -52,7 +47,6 @@ import threadpoolctl
 
 from jaxembed import files
 from jaxembed import plots
-from jaxembed import runs
 
 METHODS = ("gmm", "kmeans", "hdbscan")
 CRITERIA = {"gmm": ("bic",), "kmeans": ("silhouette", "bic"), "hdbscan": ()}
@@ -774,66 +768,8 @@ def _ari(a, b):
   return metrics.adjusted_rand_score(a, b)
 
 
-# ------------------------------------------------------------------------- CLI
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(
-      prog="python -m jaxembed.cluster",
-      description="Clusters a finished run's map (and features) and writes the cluster report "
-      "into its workdir: clusters.json, cluster_contingency.csv, cluster_assignments.csv, "
-      "cluster_sheet.png and cluster_map.png.")
-  p.add_argument("--workdir", required=True, help="a finished training workdir")
-  p.add_argument("--outdir", default=None, help="where to write (default: the workdir)")
-  p.add_argument("--method", default="gmm", choices=["gmm", "kmeans", "hdbscan"])
-  p.add_argument("--n_clusters", type=int, default=None, help="fixed k (gmm, kmeans)")
-  p.add_argument("--k_min", type=int, default=2)
-  p.add_argument("--k_max", type=int, default=20)
-  p.add_argument("--criterion", default=None, help="kmeans: silhouette (default) or bic")
-  p.add_argument("--min_cluster_size", type=int, default=None, help="hdbscan")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--no_features", action="store_true", help="cluster the map only")
-  p.add_argument("--no_images", action="store_true", help="do not re-load the dataset")
-  args = p.parse_args(argv)
-
-  try:
-    arrays, images = runs.load_embeddings(args.workdir, with_images=not args.no_images)
-    outdir = args.outdir or args.workdir
-    os.makedirs(outdir, exist_ok=True)
-    kw = {}
-    if args.criterion is not None:
-      kw["criterion"] = args.criterion
-    if args.min_cluster_size is not None:
-      kw["min_cluster_size"] = args.min_cluster_size
-    t0 = time.perf_counter()
-    rep = write_cluster_report(
-        outdir, arrays["embedding"], images=images, labels=arrays.get("labels"),
-        ids=arrays.get("ids"), features=None if args.no_features else arrays.get("features"),
-        method=args.method, n_clusters=args.n_clusters, k_range=(args.k_min, args.k_max),
-        seed=args.seed, **kw)
-    seconds = time.perf_counter() - t0
-  except (ValueError, TypeError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-
-  print(f"{args.method} clusters of {args.workdir} ({rep['n_points']} points, "
-        f"{seconds:.1f} s)")
-  print(f"{'space':<10} {'dims':>5} {'k':>4} {'clusters':>8} {'noise':>6} {'ARI':>7} "
-        f"{'NMI':>7} {'purity':>7}")
-  for space in ("map", "features"):
-    if space not in rep:
-      continue
-    r = rep[space]
-    m = r.get("metrics", {})
-    fmt = lambda v: f"{v:7.3f}" if v is not None else f"{'-':>7}"  # noqa: E731
-    dims = f"{r['dims']}" + (f"/{r['input_dims']}" if "input_dims" in r else "")
-    print(f"{space:<10} {dims:>5} {r['k']:>4} {r['n_clusters']:>8} {r['noise_fraction']:>6.3f} "
-          f"{fmt(m.get('ari'))} {fmt(m.get('nmi'))} {fmt(m.get('purity'))}")
-  if "features" in rep:
-    print(f"ARI between map and feature clusters: {rep['features']['ari_with_map_clusters']:.3f}")
-  print(f"Wrote {', '.join(rep['files'].values())} to {os.path.abspath(outdir)}")
-  return 0
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  # The command line is jaxembed.commands.cluster, which imports this module once its flags
+  # have parsed; `python -m jaxembed.cluster` is `jaxembed cluster`.
+  from jaxembed import main  # pylint: disable=g-import-not-at-top
+  sys.exit(main.run_command("cluster", prog="python -m jaxembed.cluster"))

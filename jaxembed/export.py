@@ -1,35 +1,26 @@
 """Embedding images with a trained run: any data in, coordinates, features, tables and plots out.
 
-Command line::
-
-  python -m jaxembed.export --workdir DIR [--data SOURCE] [--out FILE.npz] [--step N]
-
-loads the newest (or the chosen) checkpoint of DIR and embeds the run's own
-train and test images (default) or new images never seen in training:
-``--data`` is an image folder (class subfolders give labels), a text file
-listing image paths, a MedMNIST-style ``.npz`` (every split), an ``.npz``
-with an ``images`` array, a ``.npy`` array or a single image file. Images
-are resized and converted to the run's size and channels. It writes
-``FILE.npz`` / ``FILE.csv`` (2-D coordinates, head outputs, backbone
-features, labels where known, splits and ids), a scatter PNG, the
-interactive HTML page and the near-duplicate and outlier tables beside it.
-Existing files are never replaced without ``--overwrite``. Inference is
-batched, jitted and sharded over all devices; a checkpoint written on GPUs
-loads on a CPU.
+``export`` loads the newest (or the chosen) checkpoint of a workdir and
+embeds the run's own train and test images or new images never seen in
+training (a folder, a list of paths, an ``.npz``, a ``.npy`` or an image
+file; resized and converted to the run's size and channels). It writes the
+2-D coordinates, head outputs, backbone features, labels, splits and ids as
+``.npz`` and ``.csv``, a scatter PNG, the interactive HTML page and the
+near-duplicate and outlier tables. Inference is batched, jitted and sharded
+over all devices; a checkpoint written on GPUs loads on a CPU. The command
+line, ``jaxembed export``, is jaxembed.commands.export.
 """
 
 import os
+import sys
 
-from absl import flags
 import numpy as np
 
-from jaxembed import cli
 from jaxembed import parallel
 from jaxembed import plots as plots_lib
 from jaxembed import runs
 from jaxembed import search
 from jaxembed import workdir as workdir_lib
-from jaxembed.data import convert
 
 
 # ---------------------------------------------------------------------- export
@@ -136,49 +127,8 @@ def export(workdir, data=None, out=None, step=None, overwrite=False, plots=True,
   return dict(arrays, paths=paths, step=step)
 
 
-# ------------------------------------------------------------------------- CLI
-
-
-def _define_flags():
-  flags.DEFINE_string("workdir", None, "Run directory written by jaxembed.train.")
-  flags.DEFINE_string("data", None, "Images to embed: a folder, a .txt list of image paths, a "
-                      ".npz (MedMNIST layout or 'images'), a .npy or an image file. Default: "
-                      "the run's own train and test data.")
-  flags.DEFINE_string("out", None, "Output .npz (a .csv, plots and tables go beside it); "
-                      "default DIR/export/embeddings.npz or DIR/export/<data name>.npz.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-  flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
-  flags.DEFINE_bool("plots", True, "Write the scatter PNG and the HTML page.")
-  flags.DEFINE_bool("thumbnails", True, "Embed image thumbnails in the HTML page (--nothumbnails "
-                    "keeps every image out of it, e.g. for patient data).")
-  flags.DEFINE_bool("tables", True, "Write the near-duplicate and outlier tables.")
-  flags.DEFINE_float("duplicate_threshold", None, "Cosine distance of backbone features at or "
-                     "below which two images count as near-duplicates (default: a tenth of the "
-                     "median nearest-neighbour distance; identical images are always listed).")
-  flags.DEFINE_integer("batch_size", None, "Images per inference step (default: the run's "
-                       "eval.batch_size).")
-
-
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  if not f.workdir:
-    cli.fail("--workdir is required (a run directory written by jaxembed.train)")
-  if not os.path.isdir(f.workdir):
-    cli.fail(f"--workdir {f.workdir}: no such directory")
-  if f.batch_size is not None and f.batch_size < 1:
-    cli.fail(f"--batch_size must be positive, got {f.batch_size}")
-  parallel.initialize()
-  export(f.workdir, data=f.data, out=f.out, step=f.step, overwrite=f.overwrite, plots=f.plots,
-         thumbnails=f.thumbnails, tables=f.tables, duplicate_threshold=f.duplicate_threshold,
-         batch_size=f.batch_size)
-
-
-def run():
-  _define_flags()
-  cli.run(main, user_errors=(ValueError, TypeError, KeyError, FileNotFoundError,
-                             FileExistsError, workdir_lib.WorkdirError, convert.DataError))
-
-
 if __name__ == "__main__":
-  run()
+  # The command line is jaxembed.commands.export, which imports this module once its flags
+  # have parsed; `python -m jaxembed.export` is `jaxembed export`.
+  from jaxembed import main  # pylint: disable=g-import-not-at-top
+  sys.exit(main.run_command("export", prog="python -m jaxembed.export"))

@@ -6,29 +6,16 @@ split over the ``data`` mesh, re-ranked by float64 distances.
 ``near_duplicates`` and ``outliers`` build on it and return tables (dicts of
 equal-length arrays) that ``write_table`` turns into CSV.
 
-Command line::
-
-  python -m jaxembed.search --workdir DIR --query IMAGE_OR_ID [--k 10]
-      [--space features|embedding] [--metric cosine|euclidean]
-
-embeds the query image with the run's model (or takes the stored vectors of
-an id in ``embeddings.npz``), prints the ids and distances of its nearest
-neighbours and saves a PNG strip of the query and its neighbours.
+The command line, ``jaxembed search``, is jaxembed.commands.search.
 """
 
 import csv
-import os
+import sys
 
-from absl import flags
 import numpy as np
 
-from jaxembed import cli
 from jaxembed import evaluate
 from jaxembed import files
-from jaxembed import plots
-from jaxembed import runs
-from jaxembed import workdir as workdir_lib
-from jaxembed.data import convert
 
 METRICS = ("euclidean", "cosine")
 
@@ -319,100 +306,8 @@ def write_table(path, table):
       w.writerow(row)
 
 
-# ------------------------------------------------------------------------- CLI
-
-
-def _define_flags():
-  flags.DEFINE_string("workdir", None, "Run directory written by jaxembed.train.")
-  flags.DEFINE_string("query", None, "Image file (PNG, JPEG, ...), .npy of one image, or an id "
-                      "from the embeddings file.")
-  flags.DEFINE_integer("k", 10, "Number of neighbours.")
-  flags.DEFINE_enum("space", "features", ["features", "embedding"],
-                    "Search in backbone-feature space or on the 2-D map.")
-  flags.DEFINE_enum("metric", None, list(METRICS),
-                    "Distance; default cosine for features, euclidean for the map.")
-  flags.DEFINE_string("embeddings", None, "Embeddings file to search (default "
-                      "DIR/embeddings.npz, or one written by jaxembed.export).")
-  flags.DEFINE_string("data", None, "Data source of the embeddings file's images, for the "
-                      "picture (default: the run's data).")
-  flags.DEFINE_string("out", None, "PNG strip of the query and its neighbours (default "
-                      "DIR/search/<query>.png).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-
-
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  if not f.workdir:
-    cli.fail("--workdir is required (a run directory written by jaxembed.train)")
-  if not f.query:
-    cli.fail("--query is required: an image file, a .npy image, or an id from embeddings.npz")
-  emb_path = f.embeddings or os.path.join(f.workdir, "embeddings.npz")
-  if not os.path.isfile(emb_path):
-    cli.fail(f"{emb_path} not found; train the run to the end or run jaxembed.export first "
-             "(or pass --embeddings)")
-  with np.load(emb_path, allow_pickle=False) as z:
-    stored = {key: z[key] for key in z.files}
-  ids = stored["ids"].astype(str)
-  key = "features" if f.space == "features" else "embedding"
-  metric = f.metric or ("cosine" if f.space == "features" else "euclidean")
-  index = stored[key]
-  k = min(f.k, len(index) - 1 if f.query in ids else len(index))
-  if k < 1:
-    cli.fail(f"--k must be >= 1, got {f.k}")
-  query_image = None
-  if f.query in ids and not os.path.exists(f.query):
-    q_row = int(np.flatnonzero(ids == f.query)[0])
-    query = index[q_row][None]
-    d, nb = nearest(index, query, k + 1, metric=metric)
-    keep = nb[0] != q_row
-    d, nb = d[0][keep][:k], nb[0][keep][:k]
-  else:
-    q_row = None
-    if not os.path.exists(f.query):
-      cli.fail(f"--query {f.query!r} is neither a file nor an id in {emb_path} "
-               f"(ids look like {ids[0]!r})")
-    model, variables, config, _ = runs.load_trained(f.workdir, f.step)
-    query_image = runs.read_query_image(f.query, config, runs.run_record(f.workdir))
-    out = runs.embed_images(model, variables, query_image, config)
-    query = out["features"] if f.space == "features" else out["z"][:, :2]
-    if query.shape[1] != index.shape[1]:
-      cli.fail(f"the model's {f.space} have {query.shape[1]} dimensions but {emb_path} has "
-               f"{index.shape[1]}; was it written by this run?")
-    d, nb = nearest(index, query, k, metric=metric)
-    d, nb = d[0], nb[0]
-    query_image = query_image[0]
-  print(f"query: {f.query}  ({f.space}, {metric}, {len(index)} images)")
-  print(f"{'rank':>4}  {'distance':>10}  {'label':>6}  {'split':>6}  id")
-  labels = stored.get("labels")
-  lab = files.label_strings(labels) if labels is not None else [""] * len(ids)
-  split = stored.get("split", np.array([""] * len(ids))).astype(str)
-  for r, (dist, j) in enumerate(zip(d, nb), 1):
-    print(f"{r:>4}  {dist:>10.5f}  {lab[j]:>6}  {split[j]:>6}  {ids[j]}")
-  # The picture: the images behind the ids.
-  try:
-    images_by_id = runs.images_for_ids(f.workdir, [ids[j] for j in nb]
-                                       + ([ids[q_row]] if q_row is not None else []),
-                                       data=f.data)
-  except (ValueError, OSError) as e:
-    print(f"warning: no picture: cannot load the images ({e})", flush=True)
-    return
-  if q_row is not None:
-    query_image = images_by_id[ids[q_row]]
-  name = os.path.splitext(os.path.basename(str(f.query)))[0] or "query"
-  name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-  out_png = f.out or os.path.join(f.workdir, "search", f"{name}.png")
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  plots.neighbour_strip(out_png, query_image, [images_by_id[ids[j]] for j in nb],
-                        [f"{dist:.3g} / {lab[j]}" for dist, j in zip(d, nb)])
-  print(f"Picture of the query and its neighbours: {out_png}")
-
-
-def run():
-  _define_flags()
-  cli.run(main, user_errors=(ValueError, TypeError, KeyError, FileNotFoundError,
-                             workdir_lib.WorkdirError, convert.DataError))
-
-
 if __name__ == "__main__":
-  run()
+  # The command line is jaxembed.commands.search, which imports this module once its flags
+  # have parsed; `python -m jaxembed.search` is `jaxembed search`.
+  from jaxembed import main  # pylint: disable=g-import-not-at-top
+  sys.exit(main.run_command("search", prog="python -m jaxembed.search"))

@@ -1,15 +1,21 @@
 """Training metrics to TensorBoard event files and to stdout.
 
-The default writer uses TensorBoard's own event-file writer, which needs
-neither TensorFlow nor clu: ``clu.metric_writers`` imports TensorFlow on
-import (about 15 s on two CPU cores, a twentieth of the default job), and
-machines without TensorFlow could not log at all. ``logging.writer = "clu"``
-selects clu's default writer (TensorFlow summaries plus absl logging)
-instead; both write the same tags.
+The default writer writes TensorBoard's event files itself (records of
+``Event`` protos, tensorboard's own RecordWriter), with neither TensorFlow
+nor clu: tensorboard's EventFileWriter opens its file through
+``tensorboard.compat.tf``, which imports TensorFlow whenever it is installed
+(12 s and TensorFlow's start-up lines on two CPU cores, docs/BENCHMARKS.md),
+and ``clu.metric_writers`` imports TensorFlow on import.
+``logging.writer = "clu"`` selects clu's default writer (TensorFlow summaries
+plus absl logging) instead, which needs the ``tf`` extra; both write the
+same tags.
 """
 
 import io
+import itertools
 import json
+import os
+import socket
 import time
 
 import numpy as np
@@ -18,18 +24,33 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.compat.proto import tensor_pb2
 from tensorboard.compat.proto import tensor_shape_pb2
-from tensorboard.summary.writer import event_file_writer
+from tensorboard.summary.writer import record_writer
+
+from jaxembed import extras
+
+# Tells apart event files that one process opens in the same second.
+_FILE_NUMBERS = itertools.count()
 
 
 class TensorBoardWriter:
   """Writes scalars, images and the config as TensorBoard events (no TensorFlow needed)."""
 
   def __init__(self, logdir):
-    self._writer = event_file_writer.EventFileWriter(logdir)
+    os.makedirs(logdir, exist_ok=True)
+    # TensorBoard's own naming, which it sorts by (EventFileWriter does the same).
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_FILE_NUMBERS)}")
+    self._file = open(os.path.join(logdir, name), "wb")  # pylint: disable=consider-using-with
+    self._records = record_writer.RecordWriter(self._file)
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self.flush()
+
+  def _write(self, event):
+    self._records.write(event.SerializeToString())
 
   def _add(self, step, values):
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, **v) for t, v in values])
-    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
   def write_scalars(self, step, scalars):
     self._add(step, [(k, {"simple_value": float(v)}) for k, v in scalars.items()])
@@ -57,10 +78,10 @@ class TensorBoardWriter:
     self._add(0, [("config", {"tensor": tensor, "metadata": meta})])
 
   def flush(self):
-    self._writer.flush()
+    self._records.flush()
 
   def close(self):
-    self._writer.close()
+    self._records.close()
 
 
 class NullWriter:
@@ -89,7 +110,5 @@ def create_writer(workdir, kind="tensorboard", main_process=True):
   if kind == "tensorboard":
     return TensorBoardWriter(workdir)
   if kind == "clu":
-    # Deferred: clu.metric_writers imports TensorFlow (8.7 s on the 2-core VM).
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    return metric_writers.create_default_writer(workdir, asynchronous=True)
+    return extras.clu_metric_writers().create_default_writer(workdir, asynchronous=True)
   raise ValueError(f"unknown logging.writer {kind!r}; use 'tensorboard' or 'clu'")

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from configs import common
+from jaxembed.configs import common
 from jaxembed import configlib
 from jaxembed import files
 from jaxembed import plots

@@ -49,7 +49,7 @@ def _conv_times(conv, x, w, repeats):
 
 
 def _resnet_seconds(batch, size, repeats):
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from jaxembed.configs import common  # pylint: disable=g-import-not-at-top
   from jaxembed import models  # pylint: disable=g-import-not-at-top
   c = common.get_config()
   c.model.name = "resnet18"

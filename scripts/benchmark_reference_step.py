@@ -62,7 +62,7 @@ def jax_worker(args):
   """The jaxembed side: READY after a compiled warm-up step, then ``run N`` requests."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from jaxembed.configs import common  # pylint: disable=g-import-not-at-top
   from jaxembed import configlib, parallel, schedule, train_state  # pylint: disable=g-import-not-at-top
   from jaxembed import data as data_lib  # pylint: disable=g-import-not-at-top
   from jaxembed.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -120,7 +120,7 @@ def case_images(name, n):
     import benchmark_augment  # pylint: disable=g-import-not-at-top
     return benchmark_augment.synthetic_images(n, CASES[name]["size"])
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from configs import digits  # pylint: disable=g-import-not-at-top
+  from jaxembed.configs import digits  # pylint: disable=g-import-not-at-top
   from jaxembed import data  # pylint: disable=g-import-not-at-top
   data_config = ml_collections.ConfigDict(dict(digits.get_config().data))
   data_config.image_size = CASES[name]["size"]  # upsampled, whatever the default job uses

@@ -146,7 +146,7 @@ def _ints(text, flag):
 
 def build_config(case):
   """The run's ConfigDict for ``case`` (a dict of the fields below), before data resolution."""
-  from configs import common, digits  # pylint: disable=g-import-not-at-top
+  from jaxembed.configs import common, digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config() if case.get("config") == "digits" else common.get_config()
   with config.unlocked():
     for field in ("name", "stem", "dtype", "widths", "stage_sizes", "hidden_dim"):

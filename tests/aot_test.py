@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from configs import digits
+from jaxembed.configs import digits
 from jaxembed import aot
 from jaxembed import parallel
 

@@ -78,7 +78,7 @@ def test_resolve_presets_and_overrides():
 
 def test_resolve_config_dict():
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from jaxembed.configs import common  # pylint: disable=g-import-not-at-top
   c = common.get_config()
   assert augment.resolve(c.aug) == augment.resolve({"preset": "tsimcne"})
   c.aug.preset = "medical"

@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 from jaxembed import cluster
+from jaxembed.commands import cluster as cluster_command
 
 
 def blobs(n_per=60, k=4, dims=2, spread=0.3, seed=0):
@@ -318,24 +319,10 @@ def test_report_without_images_or_labels(tmp_path):
     cluster.write_cluster_report(str(tmp_path / "missing"), x)
 
 
-def _load_module(relpath):
-  """A repository file (configs/: not a package of jaxembed) imported by path."""
-  import importlib.util
-  import sys
-  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-  if root not in sys.path:
-    sys.path.insert(0, root)  # configs/digits.py imports configs.common
-  spec = importlib.util.spec_from_file_location(
-      os.path.basename(relpath)[:-3], os.path.join(root, relpath))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _fake_digits_run(path, shuffle_ids=False):
   """A workdir with the digits config and an embeddings.npz whose map separates the classes."""
   from jaxembed import configlib, data
-  digits = _load_module("configs/digits.py")
+  from jaxembed.configs import digits
   config = digits.get_config()
   config.data.image_size = 8  # no resizing: faster
   with open(path / "config.json", "w") as f:
@@ -358,8 +345,8 @@ def _fake_digits_run(path, shuffle_ids=False):
 
 def test_cluster_command(tmp_path, capsys):
   labels = _fake_digits_run(tmp_path)
-  assert cluster.main(["--workdir", str(tmp_path), "--method", "kmeans", "--k_max", "12",
-                       "--no_features"]) == 0
+  assert cluster_command.run(["--workdir", str(tmp_path), "--method", "kmeans", "--k_max", "12",
+                              "--no_features"]) == 0
   out = capsys.readouterr().out
   assert "ARI" in out and "map" in out
   with open(tmp_path / cluster.JSON_FILE) as f:
@@ -370,9 +357,14 @@ def test_cluster_command(tmp_path, capsys):
   assert saved["map"]["clusters"][0]["central_ids"][0].startswith("digits:")
   # Data that no longer matches the run is refused with exit status 2.
   _fake_digits_run(tmp_path, shuffle_ids=True)
-  assert cluster.main(["--workdir", str(tmp_path)]) == 2
-  assert "ids differ" in capsys.readouterr().err
-  assert cluster.main(["--workdir", str(tmp_path / "none")]) == 2
+  with pytest.raises(SystemExit) as exit_info:
+    cluster_command.run(["--workdir", str(tmp_path)])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:") and "ids differ" in err[0]
+  with pytest.raises(SystemExit) as exit_info:
+    cluster_command.run(["--workdir", str(tmp_path / "none")])
+  assert exit_info.value.code == 2
 
 
 def test_sheet_with_rgb_float_images(tmp_path):

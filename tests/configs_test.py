@@ -17,15 +17,15 @@ CASES = [
 
 @pytest.mark.parametrize("name,arg", CASES)
 def test_config_validates(name, arg):
-  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  config = importlib.import_module(f"jaxembed.configs.{name}").get_config(arg)
   stages = configlib.validate(config, num_devices=1)
   assert len(stages) == 3
   assert [s["head_dim"] for s in stages][-1] == 2
 
 
 def test_medmnist_cpu_takes_the_default_jobs_model_and_schedule():
-  digits = importlib.import_module("configs.digits").get_config()
-  cpu = importlib.import_module("configs.medmnist").get_config("breastmnist,cpu")
+  digits = importlib.import_module("jaxembed.configs.digits").get_config()
+  cpu = importlib.import_module("jaxembed.configs.medmnist").get_config("breastmnist,cpu")
   assert cpu.model.name == digits.model.name
   assert tuple(cpu.stages.epochs) == tuple(digits.stages.epochs)
   assert cpu.optimizer.name == digits.optimizer.name
@@ -34,7 +34,7 @@ def test_medmnist_cpu_takes_the_default_jobs_model_and_schedule():
 
 
 def test_medmnist_needs_a_known_dataset_first():
-  medmnist = importlib.import_module("configs.medmnist")
+  medmnist = importlib.import_module("jaxembed.configs.medmnist")
   with pytest.raises(ValueError, match="needs a dataset name first"):
     medmnist.get_config("smoke")
   with pytest.raises(ValueError, match="unknown config variant 'fast'"):

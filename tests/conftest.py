@@ -5,6 +5,7 @@ XLA_FLAGS must be set before jax is imported anywhere, hence here.
 
 import os
 import pathlib
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -32,3 +33,24 @@ def shared_fixtures():
   if not path.is_dir():
     pytest.skip("../shared/fixtures is not present")
   return path
+
+
+class _NoTensorFlow:
+  """A meta-path finder for which TensorFlow is not installed."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+      raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+    return None
+
+
+@pytest.fixture
+def without_tensorflow(monkeypatch):
+  """Runs the test as if TensorFlow were not installed (as in CI), whether it is or not.
+
+  ``import tensorflow`` raises ModuleNotFoundError; an already imported
+  TensorFlow leaves sys.modules for the test, so that TFDS, which checks
+  sys.modules for it, takes its TensorFlow-free paths.
+  """
+  monkeypatch.setattr(sys, "meta_path", [_NoTensorFlow()] + sys.meta_path)
+  monkeypatch.delitem(sys.modules, "tensorflow", raising=False)

@@ -63,7 +63,7 @@ def test_unusual_convolutions_go_to_xla():
 
 def test_resnet_gradients_equal_plain_xla_convolutions(monkeypatch):
   """A whole ResNet step: the workaround changes speed, not the gradients."""
-  from configs import common
+  from jaxembed.configs import common
   from jaxembed import models
   c = common.get_config()
   c.model.name, c.model.widths, c.model.stage_sizes = "resnet_tiny", (4, 8, 8), (1, 1, 1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
+from jaxembed.configs import common
 from jaxembed import data
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from configs import common
+from jaxembed.configs import common
 from jaxembed import configlib
 from jaxembed import data
 from jaxembed.data import pipeline

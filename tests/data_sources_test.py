@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common
+from jaxembed.configs import common
 from jaxembed import data
 from jaxembed.data import convert
 from jaxembed.data import idx as idx_lib
@@ -322,7 +322,7 @@ def test_idx_bad_inputs(tmp_path):
 
 def test_fashion_mnist_from_the_debian_package():
   import os
-  from configs import fashion_mnist
+  from jaxembed.configs import fashion_mnist
   c = fashion_mnist.get_config("smoke")
   if not os.path.isdir(c.data.path):
     pytest.skip("dataset-fashion-mnist is not installed")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import digits
+from jaxembed.configs import digits
 from jaxembed import checkpoint, configlib, trainer
 from jaxembed.data import streaming
 

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common, digits
+from jaxembed.configs import common, digits
 from jaxembed import configlib, parallel, schedule, train_state, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from configs import common
+from jaxembed.configs import common
 from jaxembed import augment, configlib, losses, parallel, schedule, train_state, train_step
 from jaxembed import twopass
 from jaxembed.models import heads

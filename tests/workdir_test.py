@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from configs import common
+from jaxembed.configs import common
 from jaxembed import workdir
 
 RUN = {"data_hash": "abc"}

@@ -1,20 +1,22 @@
-"""Streaming training batches from disk (tf.data) for data that do not fit in device memory.
+"""Streaming training batches from disk for data that do not fit in device memory.
 
 ``stream_batches`` yields the global uint8 training batches of a run, one
 per step, as ``jax.Array``s sharded over the mesh's ``data`` axis. Each
 process reads only its own rows (a contiguous 1/process_count of every
-batch) and the batches are transferred to the devices ``prefetch`` steps
-ahead, while tf.data decodes the next ones on CPU threads.
+batch), decodes them on a pool of CPU threads a few batches ahead, and the
+batches are transferred to the devices ``prefetch`` steps ahead.
 
-* ``folder`` sources stream exactly the in-memory batches: the same file
-  listing and test split as ``jaxembed.data.load``, the same (seed, epoch)
-  permutation as ``pipeline.batch_indices`` and the same PIL decoding and
-  resizing, so a run can switch paths without changing what it trains on
-  (unreadable files raise instead of being skipped, since a dropped file
-  would shift every later batch).
-* ``tfds`` sources read ``tfds.split_for_jax_process(train_split)`` with
-  file and buffer shuffling seeded by (seed, epoch): deterministic, but a
-  different order than the in-memory path.
+* ``folder`` sources and TFDS datasets prepared as array_record or parquet
+  stream exactly the in-memory batches: the same images (file listing and
+  test split; TFDS's random-access data source), the same (seed, epoch)
+  permutation as ``pipeline.batch_indices`` and the same decoding, resizing
+  and channel conversion, so a run can switch paths without changing what it
+  trains on (unreadable files raise instead of being skipped, since a
+  dropped file would shift every later batch). Neither needs TensorFlow.
+* TFDS datasets prepared as TFRecord files (no random access) are read by
+  tf.data from ``tfds.split_for_jax_process(train_split)`` with file and
+  buffer shuffling seeded by (seed, epoch): deterministic, but a different
+  order than the in-memory path, and it needs the ``tf`` extra.
 
 The trainer streams its training batches from here when ``data.streaming``
 is set (positioned at the resumed step). No process then holds the whole
@@ -22,12 +24,10 @@ dataset: for a folder source, :func:`load_process_share` reads only this
 process's contiguous share of each split, for its part of the statistics and
 of the evaluation embeddings (labels and ids, from the file listing, are kept
 whole), so host memory per process is 1/process_count of the images.
-
-TensorFlow is imported on the first call (8-9 s on the 2-core VM), never by
-the rest of jaxembed.data.
 """
 
 import collections
+from concurrent import futures
 import dataclasses
 import hashlib
 import os
@@ -35,6 +35,7 @@ import os
 import jax
 import numpy as np
 
+from jaxembed import extras
 from jaxembed import parallel
 from jaxembed.data import convert
 from jaxembed.data import dataset
@@ -44,7 +45,8 @@ from jaxembed.data import stats as stats_lib
 from jaxembed.data import tfds_source
 from jaxembed.data.convert import DataError
 
-SHUFFLE_BUFFER = 10_000  # examples in the tf.data shuffle buffer of the TFDS path
+SHUFFLE_BUFFER = 10_000  # examples in the tf.data shuffle buffer of the TFRecord path
+READ_AHEAD = 2  # batches being decoded on the threads beyond the one handed out
 
 
 def _epoch_seed(seed, epoch):
@@ -232,8 +234,36 @@ def _prepare(arr, data_config, vrange, size, channels):
   return x[0]
 
 
+def _read_batches(rows, read):
+  """Yields ``np.stack([read(r) for r in batch])`` for each batch of ``rows``, in order.
+
+  The reads run on a thread pool (PIL and NumPy release the GIL while they
+  decode and resize), ``READ_AHEAD`` batches ahead of the consumer; a read
+  that raises raises here, at its batch.
+  """
+  pool = futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+  pending = collections.deque()
+  try:
+    for batch in rows:
+      pending.append([pool.submit(read, r) for r in batch])
+      if len(pending) > READ_AHEAD:
+        yield np.stack([f.result() for f in pending.popleft()])
+    while pending:
+      yield np.stack([f.result() for f in pending.popleft()])
+  finally:
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _host_rows(seed, start_step, num_steps, n, batch_size):
+  """This process's row indices of every step from ``start_step`` on (``num_steps`` of them)."""
+  pi, pc = jax.process_index(), jax.process_count()
+  step = start_step
+  while num_steps is None or step < start_step + num_steps:
+    yield pipeline.host_batch_indices(seed, step, n, batch_size, pi, pc)
+    step += 1
+
+
 def _folder_host_batches(data_config, batch_size, seed, start_step, num_steps, vrange):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   paths = folder_train_paths(data_config)
   n = len(paths)
   spe = pipeline.steps_per_epoch(n, batch_size)
@@ -247,50 +277,55 @@ def _folder_host_batches(data_config, batch_size, seed, start_step, num_steps, v
                     "range up front: pass vrange=(lo, hi), or use data.intensity='window' with "
                     "data.window=(lo, hi), or 'per_image'")
   shape = _prepare(first, data_config, vrange, size, channels).shape
-  pi, pc = jax.process_index(), jax.process_count()
-  host_bs = batch_size // pc
-  stop = None if num_steps is None else start_step + num_steps
 
-  def host_paths():
-    step = start_step
-    while stop is None or step < stop:
-      for i in pipeline.host_batch_indices(seed, step, n, batch_size, pi, pc):
-        yield paths[i]
-      step += 1
-
-  def read(path):
-    p = path.decode() if isinstance(path, bytes) else str(path)
+  def read(i):
     try:
-      x = _prepare(folder_lib.read_image(p), data_config, vrange, size, channels)
+      x = _prepare(folder_lib.read_image(paths[i]), data_config, vrange, size, channels)
     except (OSError, ValueError, SyntaxError) as e:
-      raise DataError(f"cannot read {p}: {e}") from None
+      raise DataError(f"cannot read {paths[i]}: {e}") from None
     if x.shape != shape:
-      raise DataError(f"{p} has shape {x.shape} but the first image {shape}; set "
+      raise DataError(f"{paths[i]} has shape {x.shape} but the first image {shape}; set "
                       "data.image_size and data.channels to make them agree")
     return x
 
-  ds = tf.data.Dataset.from_generator(host_paths, output_signature=tf.TensorSpec((), tf.string))
-  ds = ds.map(lambda p: tf.ensure_shape(tf.numpy_function(read, [p], tf.uint8), shape),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(host_bs, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _read_batches(_host_rows(seed, start_step, num_steps, n, batch_size), read)
 
-  def batches():
-    try:
-      yield from ds.as_numpy_iterator()
-    except tf.errors.OpError as e:  # a DataError raised inside tf.numpy_function
-      found = [ln.strip() for ln in e.message.splitlines() if "DataError" in ln]
-      raise DataError(f"streaming {data_config.get('path')}: "
-                      + (found[0].split("DataError: ", 1)[-1] if found
-                         else e.message.strip().splitlines()[0])) from None
-  return batches()
+
+def _tfds_source_host_batches(b, data_config, batch_size, seed, start_step, num_steps):
+  """The TFDS stream of a dataset with random access (array_record, parquet): no TensorFlow."""
+  split = data_config.get("train_split") or "train"
+  source, decode, _ = tfds_source.data_source(b, data_config, split)
+  n = len(source)
+  if pipeline.steps_per_epoch(n, batch_size) == 0:
+    raise DataError(f"batch_size={batch_size} is larger than the training split ({n} examples)")
+  size, channels = data_config.get("image_size"), data_config.get("channels")
+
+  def read(i):
+    img = decode(source[int(i)])[0]
+    if img.dtype != np.uint8:
+      raise DataError("the TFDS streaming path reads uint8 images only")
+    # The in-memory order of jaxembed.data.load: resize, then channels.
+    x = img[None]
+    if size:
+      x = convert.resize_images(x, size)
+    return convert.to_channels(x, channels)[0]
+
+  return _read_batches(_host_rows(seed, start_step, num_steps, n, batch_size), read)
 
 
 def _tfds_host_batches(data_config, batch_size, seed, start_step, num_steps):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name, data_dir = data_config.get("name"), data_config.get("dir")
   split = data_config.get("train_split") or "train"
-  tfds_source.check_split(tfds_source.builder(data_config), split, data_config)
+  b = tfds_source.builder(data_config)
+  tfds_source.check_split(b, split, data_config)
+  if b.info.splits and tfds_source.random_access(b):
+    yield from _tfds_source_host_batches(b, data_config, batch_size, seed, start_step, num_steps)
+    return
+  tf = extras.tensorflow(
+      f"TFDS dataset {name!r} is not prepared as array_record; streaming it",
+      alternative=f"prepare it as array_record, read without TensorFlow: `tfds build {name} "
+      "--file_format=array_record`")
   proc_split = tfds.split_for_jax_process(split, drop_remainder=True)
   host_bs = batch_size // jax.process_count()
   image_key = data_config.get("image_key", "image")
