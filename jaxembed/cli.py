@@ -1,10 +1,19 @@
-"""What every command line of jaxembed shares: flag parsing and one-line errors with exit status 2."""
+"""What every command line of jaxembed shares: flag parsing and one-line errors with exit status 2.
+
+A run stopped by a signal (jaxembed.preempt.Stopped) prints its line and exits with 128 + the
+signal's number (143 SIGTERM, 130 SIGINT).
+"""
 
 import os
+import signal
 import sys
+import threading
 
 from absl import flags
 from absl import logging
+
+from jaxembed import checkpoint
+from jaxembed import preempt
 
 # TensorFlow's C++ start-up lines (oneDNN, cpu features), should anything
 # import it: the variable must be set before that import.
@@ -41,10 +50,32 @@ def run(main, argv=None, user_errors=(ValueError, TypeError, KeyError, FileNotFo
   if len(rest) > 1:
     fail(f"unexpected arguments {rest[1:]}; every option is a --flag (see --help)")
   logging.use_absl_handler()
+  checkpoint.quiet_orbax_for_process()  # checkpoint failures are reported in one line below
+  threading.excepthook = _thread_warning
   try:
     return main(rest)
+  except preempt.Stopped as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.status)
   except user_errors as e:
     fail(str(e))
+  except OSError as e:  # disk full, permission lost, writing the run's files
+    fail(f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}")
+  except KeyboardInterrupt:  # Ctrl-C outside training (which handles it itself)
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+
+
+def _thread_warning(args):
+  """One line instead of a traceback for a background thread that failed.
+
+  E.g. TensorBoard's event writer on a full disk: the main thread reports the cause itself.
+  """
+  if args.exc_type is not SystemExit:
+    name = args.thread.name if args.thread is not None else "a thread"
+    first = (str(args.exc_value).strip().splitlines() or [""])[0]
+    print(f"warning: {name} failed: {args.exc_type.__name__}: {first}", file=sys.stderr,
+          flush=True)
 
 
 def load_config(holder):

@@ -5,6 +5,8 @@ XLA_FLAGS must be set before jax is imported anywhere, hence here.
 
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -32,3 +34,25 @@ def shared_fixtures():
   if not path.is_dir():
     pytest.skip("../shared/fixtures is not present")
   return path
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_train(*args, timeout=600):
+  """``python -m jaxembed.train ARGS`` on the machine's real devices; the CompletedProcess."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # not the 8 fake devices of the tests
+  return subprocess.run([sys.executable, "-m", "jaxembed.train", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+  """(workdir, CompletedProcess) of one uninterrupted ``digits.py:smoke`` training run.
+
+  The reference of the resume tests of several modules, trained once per session: read it,
+  or copy it before changing anything.
+  """
+  workdir = tmp_path_factory.mktemp("smoke") / "run"
+  return workdir, _run_train("--config", "configs/digits.py:smoke", "--workdir", str(workdir))

@@ -18,13 +18,6 @@ def run_train(*args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("smoke") / "run"
-  first = run_train("--config", "configs/digits.py:smoke", "--workdir", str(workdir))
-  return workdir, first
-
-
 @pytest.mark.slow
 def test_smoke_run_writes_every_workdir_file(smoke_run):
   workdir, proc = smoke_run
