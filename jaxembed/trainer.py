@@ -92,17 +92,16 @@ def _train_and_evaluate(config, workdir, cleanup):
   The checkpoint manager finishes its save in flight and the writer closes before the guard
   removes what a run that failed before its first step created; the signal handlers go last.
   """
-  t_start = time.time()
-  stop = cleanup.enter_context(preempt.StopRequest(every=config.logging.every_steps))
-  guard = cleanup.enter_context(workdir_lib.FirstStepGuard(workdir, parallel.is_main_process()))
-
   # ---- setup
+  t_start = time.time()
   config = config.copy_and_resolve_references()
   deterministic = configlib.train_option(config, "deterministic")
   if deterministic:
     deterministic = parallel.enable_deterministic_ops()  # before validate() starts the backend
   stage_dicts = configlib.validate(config)
   main = parallel.is_main_process()
+  stop = cleanup.enter_context(preempt.StopRequest(every=config.logging.every_steps))
+  guard = cleanup.enter_context(workdir_lib.FirstStepGuard(workdir, main))
   workdir_lib.prepare_workdir(workdir)
   mesh = parallel.make_mesh()
   if deterministic and main:

@@ -136,6 +136,7 @@ def test_two_processes_stop_at_the_same_step(tmp_path, service, signum):
         p.kill()
         p.wait()
   outputs[1] = "".join(seen) + outputs[1]
+  assert all(f"preemption service: {service}\n" in out for out in outputs), outputs
   # The service tells no signal: a stop it agreed on is a SIGTERM's.
   status = 143 if service else 128 + signum
   assert [p.returncode for p in procs] == [status, status], outputs

@@ -25,6 +25,7 @@ STEPS = 3000
 
 def main(ckdir):
   parallel.initialize()
+  print(f"preemption service: {preempt.preemption_service()}", flush=True)
   mesh = parallel.make_mesh()
   state = parallel.replicate(mesh, {"w": jnp.ones((16,), jnp.float32),
                                     "step": jnp.asarray(0, jnp.int32)})
