@@ -160,7 +160,7 @@ def save(manager, step, state):
   meta = {OURS: {"format": 1, "fingerprint": fingerprint(state)}}
   try:
     manager.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata=meta)
-  except Exception as e:  # pylint: disable=broad-except  # the previous save's failure, or this one's
+  except Exception as e:  # pylint: disable=broad-except  # the previous save's failure, or this
     raise SaveError(_save_message(manager, e, step)) from None
 
 
@@ -301,7 +301,7 @@ def set_aside(manager, step):
 
 def restore_newest_intact(manager, target_for_step, warn, move_aside=True,
                           if_none="to start over, use a new --workdir"):
-  """``(step, state)`` of the newest checkpoint that restores intact; ``(None, None)`` if none exist.
+  """``(step, state)`` of the newest checkpoint that restores intact; (None, None) without any.
 
   Args:
     manager: the run's CheckpointManager.

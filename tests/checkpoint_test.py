@@ -1,4 +1,4 @@
-"""Checkpoints on a small state: damage is found or harmless, failed saves are one line, tmp clean-up.
+"""Checkpoints of a small state: damage is found or harmless, failed saves are one line, clean-up.
 
 Every file of a saved checkpoint is truncated, deleted or has one byte changed in turn; a
 restore must then give the saved values or report the checkpoint, never other values. (Orbax

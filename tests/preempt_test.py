@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from configs import digits
+from jaxembed import api
 from jaxembed import checkpoint
 from jaxembed import export
 from jaxembed import preempt
@@ -151,6 +152,26 @@ def test_two_processes_stop_at_the_same_step(tmp_path, service, signum):
     target = {"w": jnp.zeros((16,), jnp.float32), "step": jnp.asarray(0, jnp.int32)}
     restored = checkpoint.restore(manager, step, target)
   assert int(restored["step"]) == step
+
+
+def test_a_stopped_fit_says_how_to_resume_in_the_estimators_words(tmp_path, monkeypatch):
+  def stopped(config, workdir):
+    ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    raise preempt.Stopped(signal.SIGINT, f"stopped at step 5 of 9; checkpoint saved in {ckdir}; "
+                          "run the same command to resume", 5, 9, ckdir)
+
+  monkeypatch.setattr(trainer, "train_and_evaluate", stopped)
+  images = np.random.default_rng(0).integers(0, 255, (16, 8, 8), dtype=np.uint8)
+  workdir = str(tmp_path / "w")
+  with pytest.raises(preempt.Stopped) as e:
+    api.TSimCNE(workdir=workdir).fit(images)
+  assert e.value.status == 130 and e.value.step == 5
+  assert str(e.value) == (f"fit stopped by SIGINT at step 5 of 9; the checkpoint is saved in "
+                          f"{workdir}/checkpoints: call fit() again with the same images and "
+                          f"workdir={workdir!r} to resume")
+  with pytest.raises(preempt.Stopped, match=r"^fit stopped by SIGINT at step 5 of 9; it ran in a "
+                     "temporary workdir, so it cannot be resumed: pass workdir="):
+    api.TSimCNE().fit(images)
 
 
 # ----------------------------------------------------------- the first-step guard
