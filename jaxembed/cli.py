@@ -55,6 +55,8 @@ def run(main, argv=None, user_errors=(ValueError, TypeError, KeyError, FileNotFo
   try:
     return main(rest)
   except preempt.Stopped as e:
+    for signum in (signal.SIGINT, signal.SIGTERM):  # more signals while JAX shuts down (seconds)
+      signal.signal(signum, signal.SIG_IGN)
     print(e, file=sys.stderr, flush=True)
     sys.exit(e.status)
   except user_errors as e:
