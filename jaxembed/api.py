@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
 
 import numpy as np
@@ -22,6 +23,7 @@ from sklearn import base
 
 from jaxembed.configs import common
 from jaxembed import files
+from jaxembed import preempt
 from jaxembed import runs
 from jaxembed import trainer
 from jaxembed import workdir as workdir_lib
@@ -160,8 +162,12 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
     with config.unlocked():
       config.data.path = data_path
       config.data.name = "arrays"
-    with _quiet(not self.verbose):
-      metrics = trainer.train_and_evaluate(config, workdir)
+    try:
+      with _quiet(not self.verbose):
+        metrics = trainer.train_and_evaluate(config, workdir)
+    except preempt.Stopped as e:
+      raise preempt.Stopped(e.signum, self._stopped_message(e), e.step, e.total_steps,
+                            e.directory) from None
     self._restore(workdir)
     self.metrics_ = metrics if any(k in metrics for k in ("knn_accuracy", "silhouette")) else None
     # The map of the fitted images in their order, from the run's embeddings.npz.
@@ -257,6 +263,19 @@ class TSimCNE(base.TransformerMixin, base.BaseEstimator):
                                  self.config_.data.get("window"))
       self.intensity_range_ = list(vr) if vr is not None else None
     self.workdir_ = workdir
+
+  def _stopped_message(self, stopped):
+    """What a stopped fit means for the caller of the estimator (not a command to rerun)."""
+    name = signal.Signals(stopped.signum).name
+    if stopped.step is None:
+      return f"fit stopped by {name} before training started; nothing was trained"
+    if self.workdir is None:
+      return (f"fit stopped by {name} at step {stopped.step} of {stopped.total_steps}; it ran "
+              "in a temporary workdir, so it cannot be resumed: pass workdir= to TSimCNE to be "
+              "able to resume an interrupted fit")
+    return (f"fit stopped by {name} at step {stopped.step} of {stopped.total_steps}; the "
+            f"checkpoint is saved in {stopped.directory}: call fit() again with the same images "
+            f"and workdir={self.workdir!r} to resume")
 
   def _check_fitted(self):
     if not hasattr(self, "model_"):

@@ -4,6 +4,8 @@ A command's help (``--help``, ``-h``, ``--helpfull``) prints its docstring
 and flags and exits 0; a bad flag, an unknown config and a user error end
 with one line ``error: ...`` and exit status 2, never a traceback. Nothing
 here imports JAX or TensorFlow, so help and flag errors answer at once.
+A run stopped by a signal (jaxembed.preempt.Stopped) prints its own line and
+exits with 128 + the signal's number (143 SIGTERM, 130 SIGINT).
 """
 
 import argparse
@@ -12,7 +14,9 @@ import difflib
 import importlib.util
 import logging as std_logging
 import os
+import signal
 import sys
+import threading
 
 from absl import flags
 from absl import logging
@@ -253,12 +257,28 @@ def run(main, argv=None, user_errors=USER_ERRORS, help_extra=None):
   logging.use_absl_handler()
   if not verbose(args):
     logging.get_absl_handler().addFilter(_NoOrbaxNotices())
+  # Deferred: checkpoint and preempt import JAX and Orbax (1.7 s measured), which help and
+  # flag errors above must not wait for.
+  from jaxembed import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxembed import preempt  # pylint: disable=g-import-not-at-top
+  checkpoint.quiet_orbax_for_process()  # checkpoint failures are reported in one line below
+  threading.excepthook = _thread_warning
   try:
     main(rest)
+  except preempt.Stopped as e:  # a signal: its own line and 128 + the signal's number
+    for signum in (signal.SIGINT, signal.SIGTERM):  # more signals while JAX shuts down (seconds)
+      signal.signal(signum, signal.SIG_IGN)
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.status)
+  except KeyboardInterrupt:  # Ctrl-C outside training (which handles it itself)
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
   except Exception as e:  # pylint: disable=broad-except
     status = getattr(type(e), "exit_status", None)
     if status is None and isinstance(e, user_errors):
       status = USAGE_ERROR
+    if status is None and isinstance(e, OSError):  # disk full, permission lost, ...
+      fail(f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}")
     if status is None:
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -266,38 +286,16 @@ def run(main, argv=None, user_errors=USER_ERRORS, help_extra=None):
   return 0
 
 
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse for jaxembed's commands: ``prog`` as typed, a usage error in one line, exit 2.
+def _thread_warning(args):
+  """One line instead of a traceback for a background thread that failed.
 
-  An unknown ``--flag`` is named before anything else (argparse would first
-  complain about a missing required one), and flags are not abbreviated.
+  E.g. TensorBoard's event writer on a full disk: the main thread reports the cause itself.
   """
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault("prog", prog())
-    kwargs.setdefault("allow_abbrev", False)
-    super().__init__(**kwargs)
-
-  def known_flags(self):
-    return [o for a in self._actions for o in a.option_strings
-            if o.startswith("--") and o != "--help"]
-
-  def parse_args(self, args=None, namespace=None):  # pylint: disable=signature-differs
-    args = list(sys.argv[1:] if args is None else args)
-    quiet_startup(args)
-    if not wants_help(args):
-      known = set(self.known_flags())
-      for a in args:
-        if a == "--":
-          break
-        if a.startswith("--") and a.split("=", 1)[0] not in known:
-          near = difflib.get_close_matches(a.split("=", 1)[0], known, n=1)
-          self.error(f"unknown flag {a.split('=', 1)[0]}"
-                     + (f" (did you mean {near[0]}?)" if near else ""))
-    return super().parse_args(args, namespace)
-
-  def error(self, message):
-    fail(f"{message}; known flags: {', '.join(self.known_flags())}; see {self.prog} --help")
+  if args.exc_type is not SystemExit:
+    name = args.thread.name if args.thread is not None else "a thread"
+    first = (str(args.exc_value).strip().splitlines() or [""])[0]
+    print(f"warning: {name} failed: {args.exc_type.__name__}: {first}", file=sys.stderr,
+          flush=True)
 
 
 def load_config(holder):

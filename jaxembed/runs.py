@@ -10,6 +10,7 @@ search (an image file, or an id of the embeddings) are loaded here too.
 
 import json
 import os
+import sys
 import zipfile
 
 import jax
@@ -43,8 +44,12 @@ def run_record(workdir):
     return json.load(f)["run"]
 
 
-def load_trained(workdir, step=None, mesh=None):
-  """The model and variables of a run's checkpoint (the newest, or ``step``).
+def load_trained(workdir, step=None, mesh=None, warn=None):
+  """The model and variables of a run's checkpoint: the newest intact one, or ``step``.
+
+  A damaged newest checkpoint is skipped (it is left where it is: export and search only
+  read) and ``warn`` gets one line naming it, its reason and the step used instead (default:
+  printed to stderr). An explicit ``step`` that is damaged is an error.
 
   Returns ``(model, variables, config, step)``; ``variables`` holds
   ``params`` and ``batch_stats`` replicated over ``mesh`` (default: all
@@ -55,21 +60,36 @@ def load_trained(workdir, step=None, mesh=None):
   mesh = mesh or parallel.make_mesh()
   spe = pipeline.steps_per_epoch(run["num_train"], config.batch_size)
   stages = schedule.build_stages(configlib.stages(config), spe)
-  manager = checkpoint.open_manager(os.path.join(os.path.abspath(workdir), "checkpoints"))
-  steps = manager.all_steps()
-  if not steps:
-    raise workdir_lib.WorkdirError(f"no checkpoint in {workdir}/checkpoints; train first")
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise workdir_lib.WorkdirError(f"no checkpoint at step {step} in {workdir}; "
-                                   f"available: {sorted(steps)}")
-  stage = schedule.stage_of_step(stages, step)
-  setup = train_state.setup_stage(config, stage, mesh, spe, image_shape=run["image_shape"],
-                                  key=jax.random.key(0), with_step=False)
-  state = checkpoint.restore(manager, step, setup.state)
-  manager.close()
-  return setup.model, {"params": state["params"], "batch_stats": state["batch_stats"]}, config, step
+  setups = {}
+
+  def setup_for(s):
+    stage = schedule.stage_of_step(stages, s)
+    if stage.index not in setups:
+      setups[stage.index] = train_state.setup_stage(
+          config, stage, mesh, spe, image_shape=run["image_shape"], key=jax.random.key(0),
+          with_step=False)
+    return setups[stage.index]
+
+  with checkpoint.closing(checkpoint.open_manager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"))) as manager:
+    steps = manager.all_steps()
+    if not steps:
+      raise workdir_lib.WorkdirError(f"no checkpoint in {workdir}/checkpoints; train first")
+    if step is not None:
+      if step not in steps:
+        raise workdir_lib.WorkdirError(f"no checkpoint at step {step} in {workdir}; "
+                                       f"available: {sorted(steps)}")
+      state = checkpoint.restore(manager, step, setup_for(step).state)
+    else:
+      step, state = checkpoint.restore_newest_intact(
+          manager, lambda s: setup_for(s).state, warn or _warn, move_aside=False,
+          if_none="train the run again in a new --workdir")
+  return setup_for(step).model, {"params": state["params"], "batch_stats": state["batch_stats"]}, \
+      config, step
+
+
+def _warn(line):
+  print(line, file=sys.stderr, flush=True)
 
 
 def embed_images(model, variables, images, config, mesh=None, batch_size=None):

@@ -1,18 +1,22 @@
 """The t-SimCNE training run: the recipe from data to a 2-D map, with checkpoints and outputs.
 
-:func:`train_and_evaluate` reads top to bottom as the recipe: setup, data,
-schedule, state (restored from the newest checkpoint if there is one), the
-stage loop, final evaluation and outputs. The pieces it puts together live
-below it in the package: the schedule and optimiser (jaxembed.schedule), the
-state and jitted step of a stage (jaxembed.train_state,
-jaxembed.train_step), the workdir's files (jaxembed.workdir). Randomness
-comes from one root key: ``fold_in(root, step)`` per step and a (seed,
-epoch) permutation of the data, so a resumed run repeats the uninterrupted
-one exactly.
+:func:`train_and_evaluate` (its body is ``_train_and_evaluate``) reads top
+to bottom as the recipe: setup, data, schedule, state (restored from the
+newest intact checkpoint if there is one), the stage loop, final evaluation
+and outputs. The pieces it puts together live below it in the package: the
+schedule and optimiser (jaxembed.schedule), the state and jitted step of a
+stage (jaxembed.train_state, jaxembed.train_step), the workdir's files
+(jaxembed.workdir). Randomness comes from one root key: ``fold_in(root,
+step)`` per step and a (seed, epoch) permutation of the data, so a resumed
+run repeats the uninterrupted one exactly. A signal stops the loop at the
+end of a step with a checkpoint of it (jaxembed.preempt), and a run that
+fails before its first step leaves the workdir as it found it.
 """
 
+import contextlib
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
@@ -28,6 +32,7 @@ from jaxembed import embedding
 from jaxembed import evaluate
 from jaxembed import parallel
 from jaxembed import plots
+from jaxembed import preempt
 from jaxembed import schedule
 from jaxembed import summary
 from jaxembed import train_state
@@ -55,6 +60,9 @@ class _Run:
   writer: Any                  # jaxembed.summary writer
   main: bool                   # this process writes files and prints
   images_all: Any = None       # device-resident training images (None when streaming)
+  stop: Any = None             # jaxembed.preempt.StopRequest
+  guard: Any = None            # jaxembed.workdir.FirstStepGuard
+  record: Any = None           # what config.json keeps beside the config (new_run_record)
 
   @property
   def total_steps(self):
@@ -69,6 +77,20 @@ def train_and_evaluate(config, workdir):
   """Trains (or resumes) the run of ``config`` in ``workdir`` and writes its outputs.
 
   Returns the final metrics dict (also written to ``workdir/metrics.json``).
+
+  Raises:
+    jaxembed.preempt.Stopped: SIGTERM or SIGINT; the checkpoint of the step reached is saved.
+    jaxembed.checkpoint.CheckpointError: a save failed, or no checkpoint can be read.
+  """
+  with contextlib.ExitStack() as cleanup:
+    return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config, workdir, cleanup):
+  """The recipe; ``cleanup`` closes what it opens, in reverse order, however it ends.
+
+  The checkpoint manager finishes its save in flight and the writer closes before the guard
+  removes what a run that failed before its first step created; the signal handlers go last.
   """
   # ---- setup
   t_start = time.time()
@@ -78,6 +100,8 @@ def train_and_evaluate(config, workdir):
     deterministic = parallel.enable_deterministic_ops()  # before validate() starts the backend
   stage_dicts = configlib.validate(config)
   main = parallel.is_main_process()
+  stop = cleanup.enter_context(preempt.StopRequest(every=config.logging.every_steps))
+  guard = cleanup.enter_context(workdir_lib.FirstStepGuard(workdir, main))
   workdir_lib.prepare_workdir(workdir)
   mesh = parallel.make_mesh()
   if deterministic and main:
@@ -96,41 +120,59 @@ def train_and_evaluate(config, workdir):
     ds = data_lib.load(config.data)
     stats = data_lib.compute_stats(ds.train_images)
   config = configlib.resolve_config(config, ds.num_train, stats, mesh.devices.size)
-  workdir_lib.check_or_write_config(workdir, config, workdir_lib.new_run_record(config, ds, stats),
-                                    write=main)
+  record = workdir_lib.new_run_record(config, ds, stats)
+  # Only checked here: config.json is written once the first step has run.
+  workdir_lib.check_or_write_config(workdir, config, record, write=False)
 
   # ---- schedule
   spe = pipeline.steps_per_epoch(ds.num_train, config.batch_size)
   stages = schedule.build_stages(stage_dicts, spe)
   root_key = jax.random.key(config.seed)
-  manager = checkpoint.create_manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                      config.checkpoint.keep, [s.last_step for s in stages])
-  latest = manager.latest_step()
-  if latest is not None and latest >= stages[-1].last_step and workdir_lib.is_complete(workdir):
+  ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  for path in checkpoint.remove_unfinished(ckdir):
+    if main:
+      print(f"Removed {path}, an unfinished save of an earlier run.", flush=True)
+  manager = cleanup.enter_context(checkpoint.closing(checkpoint.create_manager(
+      ckdir, config.checkpoint.keep, [s.last_step for s in stages])))
+  newest = manager.latest_step()
+  if newest is not None and newest >= stages[-1].last_step and workdir_lib.is_complete(workdir):
     metrics = workdir_lib.read_metrics(workdir)
     if main:
-      print(f"Run in {workdir} is already finished (step {latest}); nothing to train.", flush=True)
+      print(f"Run in {workdir} is already finished (step {newest}); nothing to train.", flush=True)
       workdir_lib.print_summary(workdir, metrics)
-    manager.close()
     return metrics
 
-  # ---- state for the stage we start in, restored from the newest checkpoint
+  # ---- state for the stage we start in: the newest intact checkpoint, else a new one
+  setups = {}
+
+  def setup_for(step):
+    """The model, optimiser and state of the stage of ``step`` (None: the start)."""
+    s = schedule.stage_of_step(stages, step) if step is not None else stages[0]
+    if s.index not in setups:
+      # Pretrained weights only for a new run: a resumed one must not need the file.
+      setups[s.index] = train_state.setup_stage(
+          config, s, mesh, spe, image_shape=ds.image_shape, key=jax.random.fold_in(root_key, 0),
+          load_pretrained=step is None, streaming=streaming)
+    return setups[s.index]
+
+  latest, restored = checkpoint.restore_newest_intact(
+      manager, lambda step: setup_for(step).state, warn=_warn if main else lambda line: None,
+      if_none=f"to start over, use a new --workdir or move {ckdir} away")
   stage = schedule.stage_of_step(stages, latest) if latest is not None else stages[0]
-  setup = train_state.setup_stage(config, stage, mesh, spe, image_shape=ds.image_shape,
-                                  key=jax.random.fold_in(root_key, 0),
-                                  load_pretrained=stage.index == 0, streaming=streaming)
-  state = setup.state
-  if latest is not None:
-    state = checkpoint.restore(manager, latest, state)
-    if main:
-      print(f"Resuming from the checkpoint at step {latest} (stage {stage.index + 1}).", flush=True)
+  setup = setup_for(latest)
+  setups.clear()  # the other stages' restore targets
+  state = setup.state if latest is None else restored
+  if latest is not None and main:
+    print(f"Resuming from the checkpoint at step {latest} (stage {stage.index + 1}).", flush=True)
   # Device-resident data, uploaded once; or, with data.streaming, batches read
   # from disk each step (the host copy in ds serves statistics and evaluation).
   images_all = None if streaming else parallel.replicate(mesh, jnp.asarray(ds.train_images))
+  writer = summary.create_writer(workdir, config.logging.writer, main)
+  cleanup.callback(writer.close)
   run = _Run(config=config, workdir=workdir, ds=ds, mesh=mesh, stages=stages,
              steps_per_epoch=spe, step_key=jax.random.fold_in(root_key, 1), root_key=root_key,
-             manager=manager, writer=summary.create_writer(workdir, config.logging.writer, main),
-             main=main, images_all=images_all)
+             manager=manager, writer=writer, main=main, images_all=images_all, stop=stop,
+             guard=guard, record=record)
   if latest is None:
     run.writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                               if isinstance(v, (int, float, str, bool))})
@@ -138,6 +180,7 @@ def train_and_evaluate(config, workdir):
   # ---- the stage loop
   stage_metrics = workdir_lib.read_stage_metrics(workdir)
   last_evaluation = None
+  stop.defer(int(state["step"]))
   for s in stages[stage.index:]:
     if s.index > stage.index:
       variables = train_state.variables_for_stage(config, s, setup.model, state, ds, mesh,
@@ -161,7 +204,10 @@ def train_and_evaluate(config, workdir):
     if main:
       workdir_lib.write_stage_metrics(workdir, stage_metrics)
       print(f"Stage {s.index + 1} done: " + _format_metrics(metrics), flush=True)
-  manager.wait_until_finished()
+    if s is not stages[-1] and stop.should_stop(step):  # a signal during the evaluation
+      _stop(run, s, state)
+  checkpoint.wait(manager)
+  _started(run, state)  # no-op unless nothing was left to train (outputs missing)
 
   # ---- final evaluation and outputs
   if last_evaluation is None:  # the last stage was evaluated before an interruption
@@ -177,9 +223,11 @@ def train_and_evaluate(config, workdir):
       run.writer.write_images(int(state["step"]), {"embedding": plots.decode_png(png)[None]})
     workdir_lib.print_summary(workdir, metrics)
   run.writer.flush()
-  run.writer.close()
-  manager.close()
   return metrics
+
+
+def _warn(line):
+  print(line, file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------- the loop
@@ -211,8 +259,10 @@ def _train_stage(run, stage, model, train_step, state):
     else:
       state, step_metrics = train_step(state, next(batches), run.step_key)
     step += 1
+    _started(run, state)
     at_end = step == stage.last_step
     if step % config.logging.every_steps == 0 or at_end:
+      checkpoint.poll(run.manager)  # a background save that failed stops the run here
       _check_finite(state, stage, run.stages)
       _log_progress(run, stage, step, step_metrics, progress)
     if at_end or step % config.checkpoint.every_steps == 0:
@@ -221,7 +271,32 @@ def _train_stage(run, stage, model, train_step, state):
     if eval_every and not at_end and (step - stage.first_step) % eval_every == 0:
       evaluate_and_log(run, model, state, announce=True)
       progress.restart(step)  # evaluation time is not training throughput
+    if run.stop.should_stop(step):  # the same answer on every process at this step
+      _stop(run, stage, state)
   return state
+
+
+def _started(run, state):
+  """After the first step of this invocation: the workdir now holds the run (config.json).
+
+  Until then a failure leaves the workdir as it was (jaxembed.workdir.FirstStepGuard).
+  """
+  if run.guard.committed:
+    return
+  jax.block_until_ready(state["step"])  # the first step's errors surface before the commit
+  workdir_lib.check_or_write_config(run.workdir, run.config, run.record, write=run.main)
+  run.guard.commit()
+
+
+def _stop(run, stage, state):
+  """Saves the checkpoint of the step reached (unless it is saved) and raises preempt.Stopped."""
+  step = int(state["step"])
+  if step not in run.manager.all_steps():
+    _check_finite(state, stage, run.stages)
+    checkpoint.save(run.manager, step, state)
+  checkpoint.wait(run.manager)  # the line printed next must not claim an unfinished checkpoint
+  run.writer.flush()
+  raise run.stop.stopped(step, run.total_steps, run.manager.directory)
 
 
 class _Progress:

@@ -5,12 +5,14 @@ interrupted run never leaves a half-written file that looks complete;
 ``metrics.json`` is written last and marks a finished run.
 """
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 
@@ -57,6 +59,49 @@ def prepare_workdir(path):
     raise WorkdirError(f"--workdir {path} is not writable ({e.strerror}); choose another directory "
                        "or fix its permissions") from e
   return path
+
+
+class FirstStepGuard:
+  """Undoes what a run creates in its workdir if it fails before its first training step.
+
+  A bad model option, unreadable weights, a data error found late or a signal before training
+  would otherwise leave config.json and checkpoints/ behind, and the corrected command would be
+  refused as "a run with a different configuration". Entered before the workdir is prepared,
+  it records whether the workdir existed and what it held; if the block raises before
+  :meth:`commit`, it removes the workdir if it is new, else only the entries that are new.
+  Entries that existed are never touched (a damaged checkpoint set aside inside an existing
+  checkpoints/ stays aside). Only the main process removes anything. Close the checkpoint
+  manager and the metric writer before leaving the block: nothing may still write.
+  """
+
+  def __init__(self, workdir, main=True):
+    self.workdir = os.path.abspath(workdir)
+    self.main = main
+    self.existed = os.path.isdir(self.workdir)
+    self.entries = set(os.listdir(self.workdir)) if self.existed else set()
+    self.committed = False
+
+  def commit(self):
+    """The first step has run: from now on the workdir holds the run."""
+    self.committed = True
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None or self.committed or not self.main or not os.path.isdir(self.workdir):
+      return False
+    if not self.existed:
+      shutil.rmtree(self.workdir, ignore_errors=True)
+      return False
+    for name in sorted(set(os.listdir(self.workdir)) - self.entries):
+      path = os.path.join(self.workdir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(OSError):
+          os.remove(path)
+    return False
 
 
 def data_hash(ds):

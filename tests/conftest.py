@@ -5,6 +5,7 @@ XLA_FLAGS must be set before jax is imported anywhere, hence here.
 
 import os
 import pathlib
+import subprocess
 import sys
 
 os.environ["XLA_FLAGS"] = (
@@ -54,3 +55,21 @@ def without_tensorflow(monkeypatch):
   """
   monkeypatch.setattr(sys, "meta_path", [_NoTensorFlow()] + sys.meta_path)
   monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+  """(workdir, CompletedProcess) of one uninterrupted ``jaxembed train --config digits:smoke``.
+
+  Run from a directory outside the checkout, on the machine's real devices. The reference
+  of the resume tests of several modules, trained once per session: read it, or copy it
+  before changing anything.
+  """
+  outside = tmp_path_factory.mktemp("smoke")
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # not the 8 fake devices of the tests
+  code = "import sys; from jaxembed import main; sys.exit(main.main(['jaxembed'] + sys.argv[1:]))"
+  first = subprocess.run([sys.executable, "-c", code, "train", "--config", "digits:smoke",
+                          "--workdir", "run"], cwd=outside, env=env, capture_output=True,
+                         text=True, timeout=600)
+  return outside / "run", first

@@ -22,19 +22,6 @@ def run_train(*args, timeout=600):
 FOREIGN = ("oneDNN", "absl::InitializeLog", "cpu_feature_guard", "tensorflow", "port.cc")
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-  """``jaxembed train --config digits:smoke`` from a directory outside the checkout."""
-  outside = tmp_path_factory.mktemp("smoke")
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  code = "import sys; from jaxembed import main; sys.exit(main.main(['jaxembed'] + sys.argv[1:]))"
-  first = subprocess.run([sys.executable, "-c", code, "train", "--config", "digits:smoke",
-                          "--workdir", "run"], cwd=outside, env=env, capture_output=True,
-                         text=True, timeout=600)
-  return outside / "run", first
-
-
 @pytest.mark.slow
 def test_smoke_run_writes_every_workdir_file(smoke_run):
   workdir, proc = smoke_run

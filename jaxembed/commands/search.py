@@ -64,6 +64,7 @@ def main(argv):
   if k < 1:
     cli.fail(f"--k must be >= 1, got {f.k}")
   query_image = None
+  model_step = ""
   if f.query in ids and not os.path.exists(f.query):
     q_row = int(np.flatnonzero(ids == f.query)[0])
     query = index[q_row][None]
@@ -75,7 +76,8 @@ def main(argv):
     if not os.path.exists(f.query):
       cli.fail(f"--query {f.query!r} is neither a file nor an id in {emb_path} "
                f"(ids look like {ids[0]!r})")
-    model, variables, config, _ = runs.load_trained(f.workdir, f.step)
+    model, variables, config, step = runs.load_trained(f.workdir, f.step)
+    model_step = f", query embedded with the checkpoint at step {step}"
     query_image = runs.read_query_image(f.query, config, runs.run_record(f.workdir))
     out = runs.embed_images(model, variables, query_image, config)
     query = out["features"] if f.space == "features" else out["z"][:, :2]
@@ -85,7 +87,7 @@ def main(argv):
     d, nb = search.nearest(index, query, k, metric=metric)
     d, nb = d[0], nb[0]
     query_image = query_image[0]
-  print(f"query: {f.query}  ({f.space}, {metric}, {len(index)} images)")
+  print(f"query: {f.query}  ({f.space}, {metric}, {len(index)} images{model_step})")
   print(f"{'rank':>4}  {'distance':>10}  {'label':>6}  {'split':>6}  id")
   labels = stored.get("labels")
   lab = files.label_strings(labels) if labels is not None else [""] * len(ids)
