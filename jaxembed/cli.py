@@ -286,6 +286,40 @@ def run(main, argv=None, user_errors=USER_ERRORS, help_extra=None):
   return 0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for jaxembed's commands: ``prog`` as typed, a usage error in one line, exit 2.
+
+  An unknown ``--flag`` is named before anything else (argparse would first
+  complain about a missing required one), and flags are not abbreviated.
+  """
+
+  def __init__(self, **kwargs):
+    kwargs.setdefault("prog", prog())
+    kwargs.setdefault("allow_abbrev", False)
+    super().__init__(**kwargs)
+
+  def known_flags(self):
+    return [o for a in self._actions for o in a.option_strings
+            if o.startswith("--") and o != "--help"]
+
+  def parse_args(self, args=None, namespace=None):  # pylint: disable=signature-differs
+    args = list(sys.argv[1:] if args is None else args)
+    quiet_startup(args)
+    if not wants_help(args):
+      known = set(self.known_flags())
+      for a in args:
+        if a == "--":
+          break
+        if a.startswith("--") and a.split("=", 1)[0] not in known:
+          near = difflib.get_close_matches(a.split("=", 1)[0], known, n=1)
+          self.error(f"unknown flag {a.split('=', 1)[0]}"
+                     + (f" (did you mean {near[0]}?)" if near else ""))
+    return super().parse_args(args, namespace)
+
+  def error(self, message):
+    fail(f"{message}; known flags: {', '.join(self.known_flags())}; see {self.prog} --help")
+
+
 def _thread_warning(args):
   """One line instead of a traceback for a background thread that failed.
 
