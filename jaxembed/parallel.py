@@ -106,8 +106,12 @@ def _cluster_detectable():
   """Whether jax.distributed.initialize() can configure itself (SLURM step, Cloud TPU VM)."""
   if all(v in os.environ for v in _SLURM_VARS):
     return int(os.environ["SLURM_NTASKS"]) > 1
-  if "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
+  if "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
     return True
+  if "TPU_WORKER_HOSTNAMES" in os.environ:
+    # A multi-host TPU job lists its workers; one name (as jaxembed.aot sets for
+    # compile-only use, "localhost") is a single host.
+    return len([h for h in os.environ["TPU_WORKER_HOSTNAMES"].split(",") if h.strip()]) > 1
   # A Cloud TPU VM (GCE pod slice): libtpu installed and TPU chips present.
   # jax then reads the workers from the metadata server; one host is one process.
   return (importlib.util.find_spec("libtpu") is not None

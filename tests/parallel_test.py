@@ -51,6 +51,14 @@ def test_initialize_is_a_no_op_for_one_process(clean_env):
   # A SLURM allocation of one task, or a shell without srun, is no multi-host run.
   clean_env.setenv("SLURM_JOB_ID", "7")
   assert parallel.initialize() is False
+  # Nor is one TPU worker (what jaxembed.aot sets for compile-only libtpu use).
+  clean_env.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+  assert parallel.initialize() is False
+
+
+def test_a_tpu_job_of_several_workers_is_detected(clean_env):
+  clean_env.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1")
+  assert parallel._cluster_detectable()  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("kwargs, env, match", [
