@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
+from jaxembed.configs import digits
 from jaxembed import api
 from jaxembed import checkpoint
 from jaxembed import export
