@@ -118,7 +118,6 @@ def read_image(path):
   return arr[..., None] if arr.ndim == 2 else arr
 
 
-
 def prepare(arr, data_config, vrange=None, what="image"):
   """One decoded file -> uint8 (S, S, C): intensity scaling, resize, channels (docs/data.md).
 
@@ -292,7 +291,7 @@ def read_files(paths, data_config, what="image files", *, skip_unreadable=True, 
   results = _run_parallel(decode, range(len(paths)), threads, progress)
   bad.update((i, r) for i, r in enumerate(results) if isinstance(r, Exception))
   later = [i for i, r in enumerate(results) if isinstance(r, tuple)]
-  first_arr = None
+  first_arr = None  # decode() is done with it
   vrange = None
   if scale_later:
     local = ((min(results[i][0] for i in later), max(results[i][1] for i in later))
@@ -311,9 +310,6 @@ def read_files(paths, data_config, what="image files", *, skip_unreadable=True, 
     _run_parallel(scale, later, threads, Progress(len(later), f"{what} (scaling)",
                                                   progress_every))
   progress.finish(len(paths))
-  if len(bad) == len(paths):
-    raise DataError(f"none of the {len(paths)} {what} could be read; the first: "
-                    + "; ".join(f"{paths[i]}: {bad[i]}" for i in sorted(bad)[:_SHOW]))
   kept = np.array([i for i in range(len(paths)) if i not in bad], np.int64)
   if bad:
     names = [paths[i] for i in sorted(bad)]
