@@ -140,11 +140,10 @@ def load_source(data, config, run):
   class_names = ()
   if os.path.isdir(path) or lower.endswith(".txt"):
     paths, labels, class_names = folder.list_images(path)
-    arrs, kept = folder.read_images(paths, what="image files")
-    cfg = {"image_size": run["image_shape"][0], "channels": run["image_shape"][2],
+    cfg = {"image_size": int(run["image_shape"][0]), "channels": int(run["image_shape"][2]),
            "intensity": config.data.get("intensity", "minmax"),
            "window": config.data.get("window")}
-    images, _ = folder.stack_images(arrs, [paths[i] for i in kept], cfg)
+    images, kept, _ = folder.read_files(paths, cfg, what="image files")
     labels = convert.check_labels(None if labels is None else labels[kept], len(images))
     ids = np.array([os.path.normpath(paths[i]) for i in kept])
     split = np.array(["new"] * len(images))

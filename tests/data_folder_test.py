@@ -1,6 +1,7 @@
 """Tests of the image-folder source: class folders, flat folders, file lists, 16-bit TIFF, bad files."""
 
 import logging
+import re
 
 import ml_collections
 import numpy as np
@@ -9,6 +10,8 @@ from PIL import Image
 
 from jaxembed.configs import common
 from jaxembed import data
+from jaxembed.data import folder
+from jaxembed.data import streaming
 
 
 def cfg(**kw):
@@ -112,7 +115,10 @@ def test_palette_and_alpha_images(tmp_path):
       str(tmp_path / "rgba.png"))], rgba[..., :3])
 
 
-def test_unreadable_files_are_skipped_with_a_warning(tmp_path, caplog, capsys):
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_unreadable_files_are_skipped_with_a_warning(tmp_path, caplog, capsys, monkeypatch,
+                                                     threads):
+  monkeypatch.setenv(folder.THREADS_ENV, threads)
   for i in range(3):
     save(tmp_path / f"{i}.png", rand(i, (4, 4)))
   for i in range(7):
@@ -148,3 +154,89 @@ def test_folder_bad_inputs(tmp_path):
   (tmp_path / "empty.txt").write_text("# nothing\n")
   with pytest.raises(data.DataError, match="names no images"):
     data.load(cfg(path=str(tmp_path / "empty.txt")))
+
+
+def mixed_folder(root):
+  """JPEG, PNG and 16-bit TIFF files, gray and RGB, of several sizes, and two unreadable files."""
+  rng = np.random.default_rng(7)
+  for i in range(40):
+    shape = (12 + i % 5, 9 + i % 3) + (() if i % 4 == 0 else (3,))
+    pixels = rng.integers(0, 256, shape).astype(np.uint8)
+    kind = ("jpg", "png", "tif")[i % 3]
+    if kind == "tif":
+      pixels = rng.integers(100, 40000, shape[:2]).astype(np.uint16)
+    save(root / f"c{i % 2}" / f"{i:02d}.{kind}", pixels)
+  for i in (5, 30):
+    (root / f"c{i % 2}" / f"{i:02d}b.png").write_bytes(b"not a png")
+  return root
+
+
+@pytest.mark.parametrize("kw", [dict(channels=3, image_size=8), dict(channels=1, image_size=5)])
+def test_parallel_decoding_equals_sequential(tmp_path, kw):
+  paths, _, _ = folder.list_images(str(mixed_folder(tmp_path)))
+  c = cfg(path=str(tmp_path), **kw)
+  one = folder.read_files(paths, c, threads=1)
+  for threads in (2, 8):
+    many = folder.read_files(paths, c, threads=threads)
+    np.testing.assert_array_equal(many[0], one[0])  # same rows in the same order, bit for bit
+    np.testing.assert_array_equal(many[1], one[1])
+    assert many[2] == one[2] and one[2] is not None  # one range over every 16-bit file
+  assert len(one[1]) == 40 and one[0].shape == (40,) + (kw["image_size"],) * 2 + (kw["channels"],)
+  # Each row is the file on its own through prepare(), with the range over all files.
+  for row, i in ((0, one[1][0]), (13, one[1][13]), (39, one[1][39])):
+    np.testing.assert_array_equal(
+        one[0][row], folder.prepare(folder.read_image(paths[i]), c, one[2]))
+
+
+def test_streamed_share_equals_the_in_memory_load(tmp_path):
+  mixed_folder(tmp_path)
+  for i in (5, 30):
+    (tmp_path / f"c{i % 2}" / f"{i:02d}b.png").unlink()
+  c = cfg(path=str(tmp_path), channels=1, image_size=6, test_fraction=0.25)
+  ds, share = data.load(c), streaming.load_process_share(c)
+  np.testing.assert_array_equal(share.train_images, ds.train_images)
+  np.testing.assert_array_equal(share.test_images, ds.test_images)
+  np.testing.assert_array_equal(share.train_ids, ds.train_ids)
+  assert share.intensity_range == ds.intensity_range
+  np.testing.assert_array_equal(share.all_images()[[0, len(ds.train_images)]],
+                                ds.all_images()[[0, len(ds.train_images)]])
+
+
+def test_progress_line_text(capsys):
+  now = [0.0]
+  p = folder.Progress(30_000, "image files", every=5.0, clock=lambda: now[0])
+  now[0] = 4.0
+  p.update(10_000)
+  assert capsys.readouterr().out == ""
+  now[0] = 5.0
+  p.update(12_000)
+  now[0] = 7.0
+  p.update(13_000)  # 2 s after the last line: silent
+  now[0] = 12.0
+  p.update(30_000)  # done: the final line says so
+  p.finish(30_000)
+  assert capsys.readouterr().out.splitlines() == [
+      "reading image files: 12,000 of 30,000 (2,400 files/s, 8 s left)",
+      "read 30,000 image files in 12 s (2,500 files/s)"]
+
+
+def test_progress_lines_while_reading_and_none_for_a_quick_folder(tmp_path, capsys):
+  for i in range(6):
+    save(tmp_path / f"{i}.png", rand(i, (4, 4, 3)))
+  paths, _, _ = folder.list_images(str(tmp_path))
+  folder.read_files(paths, cfg(), threads=2)
+  assert capsys.readouterr().out == ""  # default interval: a quick folder prints nothing
+  folder.read_files(paths, cfg(), threads=2, progress_every=0.0)
+  out = capsys.readouterr().out.splitlines()
+  assert re.fullmatch(r"reading image files: [1-5] of 6 \([\d,]+ files/s, [\d,]+ s left\)", out[0])
+  assert out[-1].startswith("read 6 image files in ")
+
+
+def test_decode_threads_from_the_environment(monkeypatch):
+  monkeypatch.setenv(folder.THREADS_ENV, "3")
+  assert folder.decode_threads() == 3
+  monkeypatch.delenv(folder.THREADS_ENV)
+  assert folder.decode_threads() >= 1
+  monkeypatch.setenv(folder.THREADS_ENV, "zero")
+  with pytest.raises(data.DataError, match="JAXEMBED_DECODE_THREADS='zero'.*>= 1"):
+    folder.decode_threads()

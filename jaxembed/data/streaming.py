@@ -38,7 +38,6 @@ import numpy as np
 from jaxembed import extras
 from jaxembed import parallel
 from jaxembed.data import convert
-from jaxembed.data import dataset
 from jaxembed.data import folder as folder_lib
 from jaxembed.data import pipeline
 from jaxembed.data import stats as stats_lib
@@ -53,27 +52,9 @@ def _epoch_seed(seed, epoch):
   return int(np.random.default_rng([seed, epoch]).integers(2**31 - 1))
 
 
-def folder_splits(data_config):
-  """The train and test files of a folder source as ``load`` splits them (no file is read).
-
-  Returns:
-    ((train paths, train labels), (test paths, test labels), class names).
-  """
-  paths, labels, class_names = folder_lib.list_images(data_config.get("path"))
-  labels = convert.check_labels(labels, len(paths))
-  index, labels, _ = dataset.select(np.arange(len(paths)), labels,
-                                     np.asarray(paths), data_config, seed=0)
-  frac = data_config.get("test_fraction", 0.2)
-  if not 0.0 <= frac < 1.0:
-    raise DataError(f"data.test_fraction must be in [0, 1), got {frac}")
-  train, test = dataset.split_indices(labels, frac)
-  return (([paths[i] for i in index[train]], labels[train]),
-          ([paths[i] for i in index[test]], labels[test]), tuple(class_names))
-
-
 def folder_train_paths(data_config):
   """The training files of a folder source, as ``load`` splits them (without reading the files)."""
-  return folder_splits(data_config)[0][0]
+  return folder_lib.split_files(data_config)[0][0]
 
 
 @dataclasses.dataclass
@@ -155,10 +136,9 @@ class FileImages:
     return len(self.paths)
 
   def __getitem__(self, index):
-    size, channels = self.data_config.get("image_size"), self.data_config.get("channels")
     if np.ndim(index) == 0:
-      return _prepare(folder_lib.read_image(self.paths[int(index)]), self.data_config,
-                      self.vrange, size, channels)
+      path = self.paths[int(index)]
+      return folder_lib.prepare(folder_lib.read_image(path), self.data_config, self.vrange, path)
     return np.stack([self[i] for i in np.asarray(index).reshape(-1)])
 
 
@@ -172,49 +152,33 @@ def load_process_share(data_config):
   if data_config.get("source") != "folder":
     raise DataError(f"per-process loading reads data.source 'folder', not "
                     f"{data_config.get('source')!r}")
-  (train_paths, train_labels), (test_paths, test_labels), class_names = folder_splits(
+  (train_paths, train_labels), (test_paths, test_labels), class_names = folder_lib.split_files(
       data_config)
   pi, pc = jax.process_index(), jax.process_count()
   rows = [(len(p) * pi // pc, len(p) * (pi + 1) // pc) for p in (train_paths, test_paths)]
   mine = [p[a:b] for p, (a, b) in zip((train_paths, test_paths), rows)]
-  raw = []
-  for part in mine:
-    arrays = []
-    for path in part:
-      try:
-        arrays.append(folder_lib.read_image(path))
-      except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    raw.append(arrays)
-  vrange = None
-  intensity = data_config.get("intensity", "minmax")
-  if intensity == "minmax":
+
+  def combine_range(local):
     # Every process takes part (a collective), whether or not its files need it.
-    ranges = [convert.value_range(a[None], intensity, None)
-              for part in raw for a in part if a.dtype != np.uint8]
-    lo = min((r[0] for r in ranges), default=np.inf)
-    hi = max((r[1] for r in ranges), default=-np.inf)
+    lo, hi = local if local is not None else (np.inf, -np.inf)
     every = parallel.gather_rows(np.array([[lo, hi]], np.float64))
     if np.isfinite(every[:, 0]).any():
-      vrange = (float(every[:, 0].min()), float(every[:, 1].max()))
-  elif intensity == "window":
+      return float(every[:, 0].min()), float(every[:, 1].max())
+    return None
+
+  if mine[0] or mine[1]:
+    images, _, vrange = folder_lib.read_files(
+        mine[0] + mine[1], data_config, what="image files of this process",
+        skip_unreadable=False, combine_range=combine_range)
+  else:  # this process holds no image: a file gives the shape
+    vrange = combine_range(None) if data_config.get("intensity", "minmax") == "minmax" else None
+    path = train_paths[0]
+    shape = folder_lib.prepare(folder_lib.read_image(path), data_config, vrange, path).shape
+    images = np.zeros((0,) + shape, np.uint8)
+  if data_config.get("intensity", "minmax") == "window":
     vrange = tuple(data_config.get("window"))
-  size, channels = data_config.get("image_size"), data_config.get("channels")
-  images, shape = [], None
-  for part, paths in zip(raw, mine):
-    out = []
-    for a, path in zip(part, paths):
-      x = _prepare(a, data_config, vrange, size, channels)
-      shape = shape or x.shape
-      if x.shape != shape:
-        raise DataError(f"{path} has shape {x.shape} but {paths[0]} has {shape}; set "
-                        "data.image_size and data.channels to make them agree")
-      out.append(x)
-    images.append(out)
-  if shape is None:  # this process holds no image: ask a file for the shape
-    shape = _prepare(folder_lib.read_image(train_paths[0]), data_config, vrange, size,
-                     channels).shape
-  stacked = [np.stack(x) if x else np.zeros((0,) + shape, np.uint8) for x in images]
+  shape = images.shape[1:]
+  stacked = [images[:len(mine[0])], images[len(mine[0]):]]
   ids = [np.array([os.path.normpath(p) for p in ps]) for ps in (train_paths, test_paths)]
   return ProcessShare(
       train_images=stacked[0], test_images=stacked[1], train_labels=train_labels,
@@ -222,16 +186,6 @@ def load_process_share(data_config):
       test_rows=rows[1], paths=list(train_paths) + list(test_paths), data_config=data_config,
       image_shape=tuple(shape), name=os.path.basename(os.path.normpath(data_config.get("path"))),
       class_names=class_names, intensity_range=vrange)
-
-
-def _prepare(arr, data_config, vrange, size, channels):
-  """One decoded file -> uint8 (S, S, C) by the in-memory rules."""
-  x = convert.to_uint8(arr[None], data_config.get("intensity", "minmax"),
-                       data_config.get("window"), vrange=vrange)
-  x = convert.to_channels(x, channels)
-  if size:
-    x = convert.resize_images(x, size)
-  return x[0]
 
 
 def _read_batches(rows, read):
@@ -269,20 +223,20 @@ def _folder_host_batches(data_config, batch_size, seed, start_step, num_steps, v
   spe = pipeline.steps_per_epoch(n, batch_size)
   if spe == 0:
     raise DataError(f"batch_size={batch_size} is larger than the {n} training images")
-  size, channels = data_config.get("image_size"), data_config.get("channels")
   first = folder_lib.read_image(paths[0])
   if (first.dtype != np.uint8 and data_config.get("intensity", "minmax") == "minmax"
       and vrange is None):
     raise DataError("streaming non-uint8 images with data.intensity='minmax' needs the dataset "
                     "range up front: pass vrange=(lo, hi), or use data.intensity='window' with "
                     "data.window=(lo, hi), or 'per_image'")
-  shape = _prepare(first, data_config, vrange, size, channels).shape
+  shape = folder_lib.prepare(first, data_config, vrange, paths[0]).shape
 
   def read(i):
     try:
-      x = _prepare(folder_lib.read_image(paths[i]), data_config, vrange, size, channels)
-    except (OSError, ValueError, SyntaxError) as e:
+      arr = folder_lib.read_image(paths[i])
+    except folder_lib.READ_ERRORS as e:
       raise DataError(f"cannot read {paths[i]}: {e}") from None
+    x = folder_lib.prepare(arr, data_config, vrange, paths[i])
     if x.shape != shape:
       raise DataError(f"{paths[i]} has shape {x.shape} but the first image {shape}; set "
                       "data.image_size and data.channels to make them agree")
