@@ -228,6 +228,24 @@ def read_query_image(path, config, run):
   return src["images"]
 
 
+def row_of_file(path, ids):
+  """The row of ``ids`` (image paths, for a run on files) naming the file ``path``, or None.
+
+  Paths are compared by their real paths (absolute, symbolic links resolved),
+  not as strings: ``./imgs/a.png``, ``imgs/a.png`` and a link to it are one file.
+  Ids that are not paths never match.
+  """
+  target = os.path.realpath(path)
+  ids = np.asarray(ids).astype(str)
+  # The same base name first (cheap); then every id, for links with another name.
+  same_name = np.flatnonzero(np.char.endswith(ids, os.path.basename(path)))
+  for rows in (same_name, range(len(ids))):
+    for r in rows:
+      if os.path.realpath(ids[r]) == target:
+        return int(r)
+  return None
+
+
 def images_for_ids(workdir, ids, data=None):
   """{id: image} for the given ids, read from ``data`` (default: the run's data)."""
   config = workdir_lib.load_config(workdir)
