@@ -5,8 +5,9 @@ embeds the run's own train and test images or new images never seen in
 training (a folder, a list of paths, an ``.npz``, a ``.npy`` or an image
 file; resized and converted to the run's size and channels). It writes the
 2-D coordinates, head outputs, backbone features, labels, splits and ids as
-``.npz`` and ``.csv``, a scatter PNG, the interactive HTML page and the
-near-duplicate and outlier tables. Inference is batched, jitted and sharded
+``.npz`` and ``.csv``, a scatter PNG, the interactive HTML page (coloured
+by cluster where ``jaxembed cluster`` left its report in the workdir) and
+the near-duplicate and outlier tables. Inference is batched, jitted and sharded
 over all devices; a checkpoint written on GPUs loads on a CPU. The command
 line, ``jaxembed export``, is jaxembed.commands.export.
 """
