@@ -18,8 +18,8 @@ t-SimCNE (DESIGN.md 3c), plus the similar-image search:
   nearest *other* points (of all the run's points, as ``jaxembed search
   --query ID`` answers) that carry its label.
 
-Feature spaces are compared by cosine distance (rows scaled to unit length,
-as ``jaxembed search`` does), maps by Euclidean distance. PCA, t-SNE and
+Backbone features are compared by cosine distance (rows scaled to unit
+length, as ``jaxembed search`` does), pixels and maps by Euclidean distance. PCA, t-SNE and
 UMAP see train and test points together (transductive), which favours them
 over t-SimCNE, whose test points were never trained on.
 
@@ -353,7 +353,8 @@ def compute_baselines(workdir, methods=METHODS, pixels=None, pretrained=None, se
                    "paper: kNN accuracy on a stratified 10% hold-out of all points "
                    "(random_state=0), silhouette of all points, precision@10 of the hold-out "
                    "points searched among all other points")
-                  + "; maps by Euclidean, features by cosine distance; PCA, t-SNE and UMAP fit "
+                  + "; maps and pixels by Euclidean, backbone features by cosine distance; "
+                  "PCA, t-SNE and UMAP fit "
                   "on train and test points together (transductive)",
       "backbone": {"kind": spaces[0]["key"], "name": spaces[0]["name"],
                    "file": spaces[0].get("file"), "dims": int(spaces[0]["x"].shape[1]),
@@ -407,9 +408,10 @@ def write_outputs(outdir, record, maps, labels):
   labelled = record["labelled"] or bool((np.asarray(labels) >= 0).any())
   plots.maps_png(paths["png"], panels, labels if labelled else None,
                  class_names=record.get("class_names"),
-                 title=f"{record['data']}: {record['n']} images, metrics on "
-                       f"{record['n_test'] or 'the held-out'} test points"
-                 if record["labelled"] else f"{record['data']}: {record['n']} images")
+                 title=f"{record['data']}: {record['n']} images" + (
+                     "" if not record["labelled"] else
+                     ", metrics on a 10% hold-out" if record["eval_protocol"] == "paper" else
+                     f", metrics on {record['n_test']} test points"))
   files.write_json(paths["json"], dict(record, files=paths))
   return paths
 

@@ -233,16 +233,18 @@ def row_of_file(path, ids):
 
   Paths are compared by their real paths (absolute, symbolic links resolved),
   not as strings: ``./imgs/a.png``, ``imgs/a.png`` and a link to it are one file.
-  Ids that are not paths never match.
+  Only existing files match: ids that are not paths never do.
   """
+  if not os.path.isfile(path):
+    return None
   target = os.path.realpath(path)
   ids = np.asarray(ids).astype(str)
-  # The same base name first (cheap); then every id, for links with another name.
-  same_name = np.flatnonzero(np.char.endswith(ids, os.path.basename(path)))
-  for rows in (same_name, range(len(ids))):
-    for r in rows:
-      if os.path.realpath(ids[r]) == target:
-        return int(r)
+  # Only ids ending in the query's name or its target's name can be the file (one pass of
+  # string tests, not a real path for each of 60,000 ids); the id may be a link of that name.
+  names = {os.path.basename(path), os.path.basename(target)}
+  for r in np.flatnonzero(np.isin(np.array([os.path.basename(i) for i in ids]), list(names))):
+    if os.path.realpath(ids[r]) == target and os.path.isfile(ids[r]):
+      return int(r)
   return None
 
 

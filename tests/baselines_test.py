@@ -150,6 +150,21 @@ def test_command_methods_are_the_library_s():
   assert baselines_command.METHODS == baselines.METHODS
 
 
+def test_row_of_file_matches_real_paths_not_strings(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  os.makedirs("imgs/a")
+  for name in ("x.jpg", "y.jpg"):
+    (tmp_path / "imgs" / "a" / name).write_bytes(b"")
+  os.symlink(tmp_path / "imgs" / "a" / "x.jpg", tmp_path / "other_name.jpg")
+  ids = np.array(["imgs/a/y.jpg", "imgs/a/x.jpg", "digits:3"])
+  assert runs.row_of_file(str(tmp_path / "imgs" / "a" / ".." / "a" / "x.jpg"), ids) == 1
+  assert runs.row_of_file("./imgs/a/y.jpg", ids) == 0
+  assert runs.row_of_file("other_name.jpg", ids) == 1  # a link to a file of the run
+  (tmp_path / "x.jpg").write_bytes(b"")
+  assert runs.row_of_file("x.jpg", ids) is None  # the same name, another file
+  assert runs.row_of_file("digits:3", ids) is None
+
+
 # ---------------------------------------------------- a run on image files
 
 
