@@ -5,17 +5,21 @@ embeds the run's own train and test images or new images never seen in
 training (a folder, a list of paths, an ``.npz``, a ``.npy`` or an image
 file; resized and converted to the run's size and channels). It writes the
 2-D coordinates, head outputs, backbone features, labels, splits and ids as
-``.npz`` and ``.csv``, a scatter PNG, the interactive HTML page and the
-near-duplicate and outlier tables. Inference is batched, jitted and sharded
+``.npz`` and ``.csv``, a scatter PNG, the interactive HTML page (coloured
+by cluster where ``jaxembed cluster`` left its report in the workdir) and
+the near-duplicate and outlier tables. Inference is batched, jitted and sharded
 over all devices; a checkpoint written on GPUs loads on a CPU. The command
 line, ``jaxembed export``, is jaxembed.commands.export.
 """
 
+import csv
+import json
 import os
 import sys
 
 import numpy as np
 
+from jaxembed import cluster as cluster_lib
 from jaxembed import parallel
 from jaxembed import plots as plots_lib
 from jaxembed import runs
@@ -114,10 +118,15 @@ def export(workdir, data=None, out=None, step=None, overwrite=False, plots=True,
                           title=title, images=src["images"],
                           num_thumbnails=min(40, len(src["images"]) // 25))
     neighbours = knn[1] if knn is not None else None
+    clusters, clusters_title = None, None
+    if data is None:  # a cluster report describes the run's own images
+      clusters, clusters_title = cluster_colouring(workdir, src["ids"],
+                                                   warn=print if verbose else None)
     plots_lib.embedding_html(paths["html"], arrays["embedding"], labels if labelled else None,
                              src["ids"], src["split"],
                              images=src["images"] if thumbnails else None, title=title,
-                             neighbours=neighbours, class_names=src["class_names"])
+                             neighbours=neighbours, class_names=src["class_names"],
+                             clusters=clusters, clusters_title=clusters_title)
   if verbose:
     print(f"Embedded {len(src['images'])} images with the checkpoint at step {step}.")
     if tables:
@@ -125,6 +134,42 @@ def export(workdir, data=None, out=None, step=None, overwrite=False, plots=True,
             f"splits, {int(dup['label_conflict'].sum())} with different labels)")
     print("Wrote " + ", ".join(paths.values()), flush=True)
   return dict(arrays, paths=paths, step=step)
+
+
+def cluster_colouring(workdir, ids, warn=None):
+  """The clusters of ``jaxembed cluster``'s report in ``workdir`` for the rows ``ids``.
+
+  Returns:
+    ``(clusters, title)``: (N,) int clusters in the order of ``ids`` and a
+    legend title naming the method and count, or ``(None, None)`` when the
+    workdir holds no report or one of other images (``warn`` gets a line).
+  """
+  path = os.path.join(workdir, cluster_lib.ASSIGNMENTS_FILE)
+  if not os.path.isfile(path):
+    return None, None
+  try:
+    with open(path, newline="") as f:
+      rows = list(csv.DictReader(f))
+    by_id = {r["id"]: int(r["cluster"]) for r in rows}
+  except (OSError, KeyError, ValueError, csv.Error) as e:
+    if warn:
+      warn(f"{path} unreadable ({e}); the page is coloured by label")
+    return None, None
+  ids = np.asarray(ids).astype(str)
+  if len(by_id) != len(ids) or any(i not in by_id for i in ids):
+    if warn:
+      warn(f"{path} lists other images than the run's; the page is coloured by label (run "
+           "jaxembed cluster again)")
+    return None, None
+  clusters = np.array([by_id[i] for i in ids], np.int64)
+  title = "cluster"
+  try:
+    with open(os.path.join(workdir, cluster_lib.JSON_FILE)) as f:
+      summary = json.load(f)["map"]
+    title = f"{summary['method']} cluster ({summary['n_clusters']} clusters, jaxembed cluster)"
+  except (OSError, KeyError, ValueError, TypeError):
+    pass
+  return clusters, title
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
   jaxembed export  --workdir runs/digits
   jaxembed search  --workdir runs/digits --query digits:1700
   jaxembed cluster --workdir runs/digits
+  jaxembed baselines --workdir runs/digits
   jaxembed configs
 
 ``jaxembed CMD --help`` lists the flags of a command. ``python -m
-jaxembed.train`` (and ``.export``, ``.search``, ``.cluster``) are the same
+jaxembed.train`` (and ``.export``, ``.search``, ``.cluster``, ``.baselines``) are the same
 commands.
 
 A command is one line of ``COMMANDS``: its name, the function that runs it
@@ -35,6 +36,8 @@ COMMANDS = {
                "nearest neighbours of an image or id in a trained run"),
     "cluster": ("jaxembed.commands.cluster:run",
                 "clusters on a finished run's map, scored against labels, with a picture sheet"),
+    "baselines": ("jaxembed.commands.baselines:run",
+                  "PCA, t-SNE and UMAP of the backbone before training beside the t-SimCNE map"),
     "configs": ("jaxembed.main:list_configs",
                 "list the shipped configs (for --config NAME[:ARGS]) with their first line"),
 }

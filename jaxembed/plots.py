@@ -67,6 +67,63 @@ def scatter_image(xy, labels=None, title=None, images=None, num_thumbnails=0, se
   return map_figure_png(fig, ax, title)
 
 
+def maps_png(path, panels, labels=None, class_names=None, title=None, ncols=4):
+  """Several maps of the same points side by side, coloured alike by label; written atomically.
+
+  Args:
+    path: the PNG to write.
+    panels: list of (title, (N, 2) map); every map has the same N points.
+    labels: optional (N,) or (N, k) labels (one legend, in the first panel).
+    class_names: optional names of the label values, for the legend.
+    title: the figure's title.
+    ncols: panels per row.
+  Returns:
+    The PNG bytes.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top  # deferred as in scatter_image
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  if not panels:
+    raise ValueError("maps_png needs at least one (title, map) panel")
+  ncols = min(ncols, len(panels))
+  nrows = -(-len(panels) // ncols)
+  fig = figure.Figure(figsize=(3.6 * ncols, 3.8 * nrows + (0.4 if title else 0)), dpi=100)
+  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  n = len(panels[0][1])
+  s = point_size(n) / max(1.0, ncols / 2)
+  cats, inv = _label_colors(labels) if labels is not None else (None, None)
+  cmap = matplotlib.colormaps["tab10" if cats is None or len(cats) <= 10 else "tab20"]
+  for a, (ax, (text, xy)) in enumerate(zip(axes, panels)):
+    xy = np.asarray(xy, np.float32)
+    if len(xy) != n:
+      raise ValueError(f"panel {text!r} has {len(xy)} points, the first has {n}")
+    if cats is None:
+      ax.scatter(xy[:, 0], xy[:, 1], s=s, c="0.3", linewidths=0, rasterized=True)
+    else:
+      for i, cat in enumerate(cats):
+        sel = inv == i
+        name = str(cat)
+        if class_names and 0 <= int(cat) < len(class_names):
+          name = f"{cat} {class_names[int(cat)]}"
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=s, color=cmap(i % cmap.N), linewidths=0,
+                   label=name, rasterized=True)
+      if a == 0 and len(cats) <= 20:
+        ax.legend(markerscale=max(1.0, 5.0 / np.sqrt(s)), fontsize=7, loc="best",
+                  frameon=False)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(text, fontsize=9)
+  for ax in axes[len(panels):]:
+    ax.axis("off")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  files.write_bytes(path, buf.getvalue())
+  return buf.getvalue()
+
+
 def map_figure_png(fig, ax, title=None):
   """Equal axes without ticks and an optional title; returns the figure as PNG bytes."""
   ax.set_aspect("equal", adjustable="datalim")
@@ -109,7 +166,8 @@ def thumbnail_uris(images, max_side=64):
 
 
 def embedding_html(path, xy, labels=None, ids=None, split=None, images=None, title="embedding",
-                   max_thumbnails=10000, seed=0, neighbours=None, class_names=None):
+                   max_thumbnails=10000, seed=0, neighbours=None, class_names=None,
+                   clusters=None, clusters_title="cluster"):
   """A self-contained page (works offline): pan, zoom, hover for the image, click for neighbours.
 
   Points are drawn on a canvas, so 60,000 and more stay fluid. Thumbnails
@@ -132,6 +190,10 @@ def embedding_html(path, xy, labels=None, ids=None, split=None, images=None, tit
       ``search.nearest``); clicking a point lists them. Without it, clicking
       lists the nearest points on the map.
     class_names: optional names of the label values, for the legend.
+    clusters: optional (N,) int cluster of each point (-1: noise), e.g. from
+      ``jaxembed cluster``'s cluster_assignments.csv; the page is then coloured
+      by cluster (the legend says so) and a switch recolours it by label.
+    clusters_title: what the clusters are, for the legend (e.g. "gmm cluster").
   """
   xy = np.asarray(xy, np.float32)
   n = len(xy)
@@ -161,8 +223,18 @@ def embedding_html(path, xy, labels=None, ids=None, split=None, images=None, tit
     if nb.ndim != 2 or len(nb) != n:
       raise ValueError(f"neighbours must be an (N, k) index array, got shape {nb.shape}")
     nb = [[int(j) for j in row if j != i][:10] for i, row in enumerate(nb)]
+  cl = None
+  if clusters is not None:
+    clusters = np.asarray(clusters).reshape(-1)
+    if len(clusters) != n or clusters.dtype.kind not in "iu":
+      raise ValueError(f"clusters must be (N,) integers with N={n}, got "
+                       f"{clusters.shape} {clusters.dtype}")
+    ccats, cinv = np.unique(clusters, return_inverse=True)
+    cl = {"c": cinv.astype(int).tolist(), "cats": ["noise" if c < 0 else str(c) for c in ccats],
+          "title": str(clusters_title)}
   payload = {
       "title": str(title),
+      "cl": cl,
       "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
       "c": inv.astype(int).tolist(), "cats": names,
       "label": label_text,
@@ -199,7 +271,8 @@ _HTML = r"""<!DOCTYPE html>
 <div id="plot"><canvas id="c"></canvas><div id="tip"></div></div>
 <div id="side"><b id="ttl"></b><p>Drag to pan, wheel to zoom, hover for details, click a point
 for its nearest neighbours; click a legend entry to hide or show its points.
-<button id="reset">reset view</button></p><div id="legend"></div><div id="nbs"></div></div>
+<button id="reset">reset view</button></p><div id="mode"></div><b id="lgt"></b>
+<div id="legend"></div><div id="nbs"></div></div>
 <script id="data" type="application/json">__DATA__</script>
 <script>
 "use strict";
@@ -211,17 +284,33 @@ const PAL = ["#1f77b4","#ff7f0e","#2ca02c","#d62728","#9467bd","#8c564b","#e377c
 const color = i => PAL[i % PAL.length];
 const esc = s => String(s).replace(/[&<>"]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}[c]));
 document.getElementById("ttl").textContent = D.title;
-// Points grouped by category: one fillStyle change per category keeps 60k points fast.
-const byCat = D.cats.map(() => []);
-for (let i = 0; i < N; i++) byCat[D.c[i]].push(i);
-const hidden = new Set();
+// The colouring: by label, or by cluster where a cluster report was given (the default then).
+const MODES = {label: {c: D.c, cats: D.cats, title: "label"}};
+if (D.cl) MODES.cluster = D.cl;
+let C = null, byCat = [], hidden = new Set();
 const legend = document.getElementById("legend");
-D.cats.forEach((c, k) => { const d = document.createElement("div"); d.className = "lg";
-  d.innerHTML = '<span class="sw"></span>'; d.firstChild.style.background = color(k);
-  d.appendChild(document.createTextNode(c + " (" + byCat[k].length + ")"));
-  d.addEventListener("click", () => { if (hidden.has(k)) hidden.delete(k); else hidden.add(k);
-    d.classList.toggle("off"); request(); });
-  legend.appendChild(d); });
+function setMode(m) {
+  C = MODES[m].c; hidden = new Set();
+  document.getElementById("lgt").textContent = "Coloured by " + MODES[m].title;
+  // Points grouped by category: one fillStyle change per category keeps 60k points fast.
+  byCat = MODES[m].cats.map(() => []);
+  for (let i = 0; i < N; i++) byCat[C[i]].push(i);
+  legend.innerHTML = "";
+  MODES[m].cats.forEach((c, k) => { const d = document.createElement("div"); d.className = "lg";
+    d.innerHTML = '<span class="sw"></span>'; d.firstChild.style.background = color(k);
+    d.appendChild(document.createTextNode(c + " (" + byCat[k].length + ")"));
+    d.addEventListener("click", () => { if (hidden.has(k)) hidden.delete(k); else hidden.add(k);
+      d.classList.toggle("off"); request(); });
+    legend.appendChild(d); });
+}
+if (D.cl) {
+  const box = document.getElementById("mode");
+  box.innerHTML = 'Colour by <select id="modesel"><option value="cluster">cluster</option>' +
+    '<option value="label">label</option></select>';
+  document.getElementById("modesel").addEventListener("change", e => {
+    setMode(e.target.value); request(); });
+}
+setMode(D.cl ? "cluster" : "label");
 const cv = document.getElementById("c"), ctx = cv.getContext("2d"), tip = document.getElementById("tip");
 let W = 0, H = 0, scale = 1, ox = 0, oy = 0, sel = -1, hover = -1, pending = false;
 function fit() {
@@ -251,7 +340,7 @@ function draw() {
 function request() { if (!pending) { pending = true; requestAnimationFrame(draw); } }
 function nearestScreen(px, py, maxd) {
   let best = -1, bd = maxd * maxd;
-  for (let i = 0; i < N; i++) { if (hidden.has(D.c[i])) continue;
+  for (let i = 0; i < N; i++) { if (hidden.has(C[i])) continue;
     const dx = sx(i) - px, dy = sy(i) - py, d = dx * dx + dy * dy;
     if (d < bd) { bd = d; best = i; } }
   return best;
@@ -267,6 +356,7 @@ function describe(i) {
   if (D.thumbs[i]) t = '<img alt="" src="' + D.thumbs[i] + '">';
   else if (D.hasImages) t = "<i>(no thumbnail: not in the sample)</i>";
   return t + "<div>label " + esc(D.label[i] || "-") + (D.split[i] ? " (" + esc(D.split[i]) + ")" : "") +
+         (D.cl ? "<br>" + esc(D.cl.title) + " " + esc(D.cl.cats[D.cl.c[i]]) : "") +
          "<br>id " + esc(D.id[i]) + "</div>";
 }
 function pos(e) { const r = cv.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; }

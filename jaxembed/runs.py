@@ -227,6 +227,26 @@ def read_query_image(path, config, run):
   return src["images"]
 
 
+def row_of_file(path, ids):
+  """The row of ``ids`` (image paths, for a run on files) naming the file ``path``, or None.
+
+  Paths are compared by their real paths (absolute, symbolic links resolved),
+  not as strings: ``./imgs/a.png``, ``imgs/a.png`` and a link to it are one file.
+  Only existing files match: ids that are not paths never do.
+  """
+  if not os.path.isfile(path):
+    return None
+  target = os.path.realpath(path)
+  ids = np.asarray(ids).astype(str)
+  # Only ids ending in the query's name or its target's name can be the file (one pass of
+  # string tests, not a real path for each of 60,000 ids); the id may be a link of that name.
+  names = {os.path.basename(path), os.path.basename(target)}
+  for r in np.flatnonzero(np.isin(np.array([os.path.basename(i) for i in ids]), list(names))):
+    if os.path.realpath(ids[r]) == target and os.path.isfile(ids[r]):
+      return int(r)
+  return None
+
+
 def images_for_ids(workdir, ids, data=None):
   """{id: image} for the given ids, read from ``data`` (default: the run's data)."""
   config = workdir_lib.load_config(workdir)

@@ -25,6 +25,8 @@ FLAGS = {
                "--out", "--step"],
     "cluster": ["--workdir", "--outdir", "--method", "--n_clusters", "--k_min", "--k_max",
                 "--criterion", "--min_cluster_size", "--seed", "--no_features", "--no_images"],
+    "baselines": ["--workdir", "--outdir", "--methods", "--pretrained", "--pixels", "--no_pixels",
+                  "--max_points", "--seed", "--overwrite"],
     "configs": [],
 }
 
@@ -116,7 +118,7 @@ def test_train_help_says_where_the_config_fields_are():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["train", "export", "search", "cluster"])
+@pytest.mark.parametrize("command", ["train", "export", "search", "cluster", "baselines"])
 def test_python_m_forms_keep_working(command):
   proc = subprocess.run([sys.executable, "-m", f"jaxembed.{command}", "--help"], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
@@ -136,6 +138,7 @@ def test_python_m_forms_keep_working(command):
     ("export", ["--bogus"], "unknown flag --bogus"),
     ("search", ["--workdir", "x", "--kk=3"], "unknown flag --kk"),
     ("cluster", ["--workdri", "x"], "unknown flag --workdri (did you mean --workdir?)"),
+    ("baselines", ["--workdri", "x"], "unknown flag --workdri (did you mean --workdir?)"),
     ("configs", ["--bogus"], "takes no arguments"),
 ])
 def test_unknown_flag_is_one_line_naming_the_known_ones(command, args, expected):

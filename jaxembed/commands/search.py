@@ -1,8 +1,10 @@
 """Similar images: ``jaxembed search --workdir DIR --query IMAGE_OR_ID [--k 10]``.
 
 Embeds the query image with the run's model (or takes the stored vectors of
-an id in ``embeddings.npz``), prints the ids and distances of its nearest
-neighbours (exact, jaxembed.search.nearest) in backbone-feature space
+an id in ``embeddings.npz``, or of an image file that is one of the run's
+own, which is then listed first, at distance 0), prints the ids (for a run
+on files: the paths) and distances of its nearest neighbours (exact,
+jaxembed.search.nearest) in backbone-feature space
 (``--space features``, cosine) or on the 2-D map (``--space embedding``,
 euclidean) and saves a PNG strip of the query and its neighbours.
 ``python -m jaxembed.search`` is the same command.
@@ -60,15 +62,17 @@ def main(argv):
   key = "features" if f.space == "features" else "embedding"
   metric = f.metric or ("cosine" if f.space == "features" else "euclidean")
   index = stored[key]
-  k = min(f.k, len(index) - 1 if f.query in ids else len(index))
+  # A file of the run is answered from its stored vectors, itself first (rank 0, distance 0).
+  own_row = runs.row_of_file(f.query, ids) if os.path.isfile(f.query) else None
+  k = min(f.k, len(index) - 1 if f.query in ids or own_row is not None else len(index))
   if k < 1:
     cli.fail(f"--k must be >= 1, got {f.k}")
   query_image = None
   model_step = ""
-  if f.query in ids and not os.path.exists(f.query):
-    q_row = int(np.flatnonzero(ids == f.query)[0])
+  if own_row is not None or (f.query in ids and not os.path.exists(f.query)):
+    q_row = own_row if own_row is not None else int(np.flatnonzero(ids == f.query)[0])
     query = index[q_row][None]
-    d, nb = search.nearest(index, query, k + 1, metric=metric)
+    d, nb = search.nearest(index, query, min(k + 1, len(index)), metric=metric)
     keep = nb[0] != q_row
     d, nb = d[0][keep][:k], nb[0][keep][:k]
   else:
@@ -92,6 +96,9 @@ def main(argv):
   labels = stored.get("labels")
   lab = files.label_strings(labels) if labels is not None else [""] * len(ids)
   split = stored.get("split", np.array([""] * len(ids))).astype(str)
+  if own_row is not None:
+    print(f"{0:>4}  {0.0:>10.5f}  {lab[own_row]:>6}  {split[own_row]:>6}  {ids[own_row]}  "
+          "(the query itself: a file of the run)")
   for r, (dist, j) in enumerate(zip(d, nb), 1):
     print(f"{r:>4}  {dist:>10.5f}  {lab[j]:>6}  {split[j]:>6}  {ids[j]}")
   # The picture: the images behind the ids.
