@@ -188,9 +188,10 @@ def apply_args(config, arg, variants):
   return config
 
 
-# Optimiser steps of the three stages of the `cpu` variants (docs/BENCHMARKS.md, "The cpu
-# variants"): TBD
-CPU_STEPS = (300, 150, 600)
+# Optimiser steps of the three stages of the `cpu` variants (batch 128; docs/BENCHMARKS.md,
+# "The cpu variants"). At the ~185 images/s of the small ResNet on 28-px images on two idle
+# cores (0.7 s per step; stage 2, projector only, ~5x faster), about 5 minutes of steps.
+CPU_STEPS = (100, 100, 300)
 
 
 def cpu(config, short, steps):
