@@ -348,11 +348,12 @@ def _stage_plan(stages, batch_size, num_train, steps_per_epoch, step):
 class _DurationEstimate:
   """Prints, once, the expected training time from the first steps timed after compilation.
 
-  The window starts after this invocation's first step (compilation) and
-  lasts ``steps`` steps, or until its stage ends (the next stage tries
-  again); the device is synchronised at its two ends only, which changes no
-  number. The estimate is for the training steps left at the measured rate:
-  stages that train only the projector run faster, evaluations add to it.
+  The window starts after the first step of this invocation or of a stage
+  (the step that compiled) and lasts ``steps`` steps, or ends with its stage
+  when at least 3 steps were timed (else the next stage's steps are timed);
+  the device is synchronised at its two ends only, which changes no number.
+  The estimate is for the training steps left at the measured rate: stages
+  that train only the projector run faster, evaluations add to it.
   """
 
   def __init__(self, step, total_steps, batch_size, stages, steps=10):

@@ -96,7 +96,13 @@ def main():
   parser.add_argument("--out", default=os.path.join(results_io.ROOT, "scripts", "results",
                                                     "benchmark_cpu_variant.json"))
   args = parser.parse_args()
-  extra = [f"--config.stages.steps=({args.steps})"] if args.steps else []
+  extra = []
+  if args.steps:
+    steps = [int(x) for x in args.steps.split(",")]
+    # The variants warm up for 20 steps (a fifth of stage 1); shorter stages for a fifth.
+    warmup = [min(20, s // 5) if i != 1 else 0 for i, s in enumerate(steps)]
+    extra = [f"--config.stages.steps=({args.steps})",
+             f"--config.stages.warmup_steps=({','.join(map(str, warmup))})"]
   runs = [
       ("breastmnist", ["--config", "medmnist:breastmnist,cpu",
                        f"--config.data.path={os.path.abspath(BREAST)}", *extra]),
