@@ -189,8 +189,9 @@ def apply_args(config, arg, variants):
 
 
 # Optimiser steps of the three stages of the `cpu` variants (batch 128; docs/BENCHMARKS.md,
-# "The cpu variants"). At the ~185 images/s of the small ResNet on 28-px images on two idle
-# cores (0.7 s per step; stage 2, projector only, ~5x faster), about 5 minutes of steps.
+# "The cpu variants"): ~0.55-0.7 s per full step at 28 px on two idle cores (stage 2, projector
+# only, ~5x faster), about 5 minutes of steps; medmnist:breastmnist,cpu took 550 s with
+# compilation and evaluations at load average ~2.3.
 CPU_STEPS = (100, 100, 300)
 
 
