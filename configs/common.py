@@ -132,6 +132,13 @@ def get_config():
   c.stages.epochs = (1000, 50, 450)
   c.stages.lr_scale = (1.0, 1.0, 0.001)
   c.stages.warmup_epochs = (10, 0, 10)
+  # Stage lengths in optimiser steps instead of epochs (one per stage), so
+  # that a run's length does not grow with the data (the `cpu` variants);
+  # when set, stages.epochs is ignored. warmup_steps likewise replaces
+  # warmup_epochs (None: warmup_epochs, in epochs of the data, at most the
+  # stage). config.json records both, so a resumed run repeats them.
+  c.stages.steps = config_dict.placeholder(tuple)
+  c.stages.warmup_steps = config_dict.placeholder(tuple)
   c.stages.head_dim = (128, 2, 2)
   # How the output layer is created when the head dimension changes:
   # normal (N(0, 1), the reference) | pca (top principal directions of the
@@ -181,6 +188,36 @@ def apply_args(config, arg, variants):
   return config
 
 
+# Optimiser steps of the three stages of the `cpu` variants (batch 128; docs/BENCHMARKS.md,
+# "The cpu variants"): ~0.55-0.7 s per full step at 28 px on two idle cores (stage 2, projector
+# only, ~5x faster), about 5 minutes of steps; medmnist:breastmnist,cpu took 550 s with
+# compilation and evaluations at load average ~2.3.
+CPU_STEPS = (100, 100, 300)
+
+
+def cpu(config, short, steps):
+  """The `cpu` variant of an image config: minutes on two CPU cores, whatever the data.
+
+  Takes the small ResNet, optimiser and stage settings of ``short`` (the
+  default job, configs/digits.py) and gives the stages fixed lengths in
+  steps, so that the run does not grow with the number of images (the
+  digits schedule in epochs made 460 epochs: 100 min for PneumoniaMNIST).
+  ``steps`` are the optimiser steps of the three stages.
+  """
+  config.model.name = short.model.name
+  config.model.stem = short.model.stem
+  config.model.widths = short.model.widths
+  config.model.stage_sizes = short.model.stage_sizes
+  config.model.hidden_dim = short.model.hidden_dim
+  config.batch_size = short.batch_size
+  config.optimizer = short.optimizer
+  config.stages = short.stages
+  config.stages.steps = tuple(steps)
+  # The digits' 2-epoch warm-ups (of 11 steps each) in steps.
+  config.stages.warmup_steps = tuple(min(20, s) if w else 0
+                                     for s, w in zip(steps, short.stages.warmup_epochs))
+
+
 def smoke(config):
   """Shrinks any config to a run of a few seconds (tests, quick checks)."""
   config.batch_size = 32
@@ -192,6 +229,8 @@ def smoke(config):
   config.model.hidden_dim = 16
   config.stages.epochs = (1, 1, 1)
   config.stages.warmup_epochs = (0, 0, 0)
+  config.stages.steps = None          # epochs, also after a variant in steps (cpu)
+  config.stages.warmup_steps = None
   config.checkpoint.every_steps = 4
   config.logging.every_steps = 2
   config.eval.batch_size = 128

@@ -4,13 +4,17 @@
 /usr/share/datasets/fashion-mnist (the default here); elsewhere pass the
 folder holding ``train-images-idx3-ubyte[.gz]`` and friends with
 ``--config.data.path=DIR``. Train is the 60,000 training images, test the
-10,000 test images. ``:smoke`` runs a few seconds.
+10,000 test images. ``:smoke`` runs a few seconds; ``:cpu`` takes the small
+ResNet and short schedule of the default job (configs/digits.py) with stages
+of fixed lengths in steps: minutes on two CPU cores, whatever
+``data.max_examples``.
 
 Recipe: the reference's (t-SimCNE paper) ResNet-18 with the CIFAR stem, its
 default augmentation and the paper schedule of configs/common.py.
 """
 
 from jaxembed.configs import common
+from jaxembed.configs import digits
 
 DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 
@@ -26,4 +30,7 @@ def get_config(arg=None):
   c.model.stem = "cifar"
   # Garments are upright: no rotations, the reference's default augmentation.
   c.aug.preset = "tsimcne"
-  return common.apply_args(c, arg, {"smoke": common.smoke})
+  def cpu(cfg):
+    common.cpu(cfg, digits.get_config(), common.CPU_STEPS)
+
+  return common.apply_args(c, arg, {"smoke": common.smoke, "cpu": cpu})

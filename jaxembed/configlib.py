@@ -36,21 +36,40 @@ def train_option(config, name):
 
 
 def stages(config):
-  """The stages as a list of dicts (one per stage), after checking their fields agree."""
+  """The stages as a list of dicts (one per stage), after checking their fields agree.
+
+  Each dict has the per-stage fields of ``config.stages`` plus ``steps`` and
+  ``warmup_steps``: the stage's length and warm-up in steps when
+  ``stages.steps`` (and ``stages.warmup_steps``) fix them, else None (the
+  length follows from the epochs and the data; jaxembed.schedule.build_stages).
+  """
   fields = ("epochs", "lr_scale", "warmup_epochs", "head_dim", "head_init", "trainable")
   values = {f: tuple(config.stages[f]) for f in fields}
   n = len(values["epochs"])
+  # Stages in steps (a config.json written before these fields existed lacks them: epochs).
+  steps = _steps_field(config, "steps", n)
+  warmup_steps = _steps_field(config, "warmup_steps", n)
+  if warmup_steps is not None and steps is None:
+    raise ConfigError("stages.warmup_steps needs stages.steps (stage lengths in steps); set "
+                      "both, or use stages.warmup_epochs with stages.epochs")
   bad = {f: len(v) for f, v in values.items() if len(v) != n}
   if n == 0 or bad:
     raise ConfigError(f"config.stages fields must all have one entry per stage; got lengths "
                       f"{ {f: len(v) for f, v in values.items()} }")
   out = [{f: values[f][i] for f in fields} for i in range(n)]
   for i, s in enumerate(out, 1):
+    s["steps"] = None if steps is None else steps[i - 1]
+    s["warmup_steps"] = None if warmup_steps is None else warmup_steps[i - 1]
     where = f"stage {i}"
     if not isinstance(s["epochs"], int) or s["epochs"] < 0:
       raise ConfigError(f"{where}: epochs must be a non-negative integer, got {s['epochs']!r}")
-    if s["warmup_epochs"] < 0 or s["warmup_epochs"] > max(s["epochs"], 0):
-      raise ConfigError(f"{where}: warmup_epochs={s['warmup_epochs']} must be in [0, epochs={s['epochs']}]")
+    if s["steps"] is None:
+      if s["warmup_epochs"] < 0 or s["warmup_epochs"] > max(s["epochs"], 0):
+        raise ConfigError(f"{where}: warmup_epochs={s['warmup_epochs']} must be in "
+                          f"[0, epochs={s['epochs']}]")
+    elif s["warmup_steps"] is not None and s["warmup_steps"] > s["steps"]:
+      raise ConfigError(f"{where}: warmup_steps={s['warmup_steps']} must be in "
+                        f"[0, steps={s['steps']}]")
     if not s["lr_scale"] > 0:
       raise ConfigError(f"{where}: lr_scale must be positive, got {s['lr_scale']}")
     if not isinstance(s["head_dim"], int) or s["head_dim"] < 1:
@@ -68,9 +87,24 @@ def stages(config):
       raise ConfigError("stage 1: head_init 'pca' needs a trained hidden layer; use it from stage 2 on")
   if not config.stages.get("pca_init_std", 1.0) > 0:
     raise ConfigError(f"stages.pca_init_std must be positive, got {config.stages.pca_init_std}")
-  if sum(s["epochs"] for s in out) == 0:
+  if steps is None and sum(s["epochs"] for s in out) == 0:
     raise ConfigError("config.stages.epochs are all 0: nothing to train")
+  if steps is not None and sum(steps) == 0:
+    raise ConfigError("config.stages.steps are all 0: nothing to train")
   return out
+
+
+def _steps_field(config, name, num_stages):
+  """``config.stages.<name>`` (steps or warmup_steps) as a tuple of ints, or None where unset."""
+  value = config.stages.get(name)
+  if value is None:
+    return None
+  value = tuple(value)
+  if (len(value) != num_stages
+      or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)):
+    raise ConfigError(f"stages.{name} must be None or {num_stages} non-negative integers (one per "
+                      f"stage, as stages.epochs), got {value!r}")
+  return value
 
 
 def num_chunks(chunk_size, batch_size, num_devices):
@@ -88,9 +122,91 @@ def num_chunks(chunk_size, batch_size, num_devices):
   return per_device // chunk_size
 
 
+def none_placeholders(config, prefix=""):
+  """Reads a tuple field given as ``(None,)`` as None, in place; returns the dotted names.
+
+  ml_collections parses ``--config.model.stage_sizes=None`` for a tuple
+  field as the tuple ``(None,)``; no tuple field has a use for that value,
+  and None is what the user asked for (a placeholder back at its default).
+  """
+  changed = []
+  with config.unlocked():
+    for key in list(config.keys()):
+      value = config[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        changed += none_placeholders(value, f"{prefix}{key}.")
+      elif isinstance(value, (tuple, list)) and len(value) == 1 and value[0] is None:
+        config[key] = None
+        changed.append(f"{prefix}{key}")
+  return changed
+
+
+def resolve_backbone(config):
+  """Fits the backbone options of ``config.model`` to ``model.name``, in place.
+
+  ``model.stage_sizes`` and ``model.widths`` mean different things for a
+  ResNet and an EfficientNet (jaxembed.models.FAMILIES). Switching the
+  backbone on the command line (``--config digits
+  --config.model.name=efficientnet_b0``) leaves the config file's values
+  for the other family behind; they are reset to None (the backbone's own)
+  with one printed line. Values the backbone can use are kept, with a line
+  when they change a published net. Stage sizes and widths of different
+  lengths are a ConfigError naming the override that works.
+  """
+  model = config.model
+  name = model.name
+  if name not in models.BACKBONES:
+    raise ConfigError(f"unknown model.name {name!r}; known: {sorted(models.BACKBONES)}")
+  own = models.own_options(name)
+  reset = [f for f in models.FAMILY_OPTIONS
+           if model.get(f) is not None and not models.option_fits(name, f, model.get(f))]
+  if reset:
+    old = " and ".join(f"model.{f} {tuple(model[f])}" for f in reset)
+    mine = " and ".join(str(own[f]) for f in reset)
+    _say(f"model.name={name}: reset {old}, written for a backbone of another family, to "
+         f"{name}'s own {mine}")
+    with config.unlocked():
+      for f in reset:
+        model[f] = None
+  sizes, widths = model.get("stage_sizes"), model.get("widths")
+  if models.FAMILIES[name] == "resnet" and (sizes is None) != (widths is None):
+    have, missing = ("stage_sizes", "widths") if widths is None else ("widths", "stage_sizes")
+    if len(tuple(model[have])) != len(own[missing]):
+      raise ConfigError(
+          f"model.{have} {tuple(model[have])} has {len(tuple(model[have]))} stages but "
+          f"{name}'s own {missing} {own[missing]} has {len(own[missing])}; set "
+          f"--config.model.{missing}=<{len(tuple(model[have]))} numbers> or "
+          f"--config.model.{have}=None")
+  elif sizes is not None and widths is not None and len(tuple(sizes)) != len(tuple(widths)):
+    raise ConfigError(
+        f"model.stage_sizes {tuple(sizes)} and model.widths {tuple(widths)} differ in length "
+        f"(one entry per stage); give both with equal lengths, or --config.model.stage_sizes=None "
+        f"--config.model.widths=None for {name}'s own {own['stage_sizes']} and {own['widths']}")
+  changed = [f for f in models.FAMILY_OPTIONS
+             if model.get(f) is not None and tuple(model[f]) != own[f]]
+  if changed and name not in models.CONFIGURABLE:
+    _say(f"model.name={name} with " + " and ".join(
+        f"model.{f} {tuple(model[f])}" for f in changed) + f": not {name} as published ("
+        + " and ".join(str(own[f]) for f in changed) + "); "
+        + " ".join(f"--config.model.{f}=None" for f in changed) + " builds it")
+  return config
+
+
+def _say(line):
+  logging.info(line)
+  print(line, flush=True)
+
+
 def validate(config, num_devices=None):
-  """Raises ConfigError for impossible values; called before any data or model is built."""
+  """Raises ConfigError for impossible values; called before any data or model is built.
+
+  Tuple fields given as ``(None,)`` become None and the backbone options are
+  fitted to ``model.name`` first, in place (:func:`none_placeholders`,
+  :func:`resolve_backbone`). Returns the stages (:func:`stages`).
+  """
   num_devices = num_devices or jax.device_count()
+  none_placeholders(config)
+  resolve_backbone(config)
   if not isinstance(config.batch_size, int) or config.batch_size < 2:
     raise ConfigError(f"batch_size must be an integer >= 2, got {config.batch_size!r}")
   if config.batch_size % num_devices:
@@ -120,8 +236,6 @@ def validate(config, num_devices=None):
     raise ConfigError(f"data.prefetch must be an integer >= 0, got {data.get('prefetch')!r}")
   if config.eval.batch_size < 1:
     raise ConfigError(f"eval.batch_size must be positive, got {config.eval.batch_size}")
-  if config.model.name not in models.BACKBONES:
-    raise ConfigError(f"unknown model.name {config.model.name!r}; known: {sorted(models.BACKBONES)}")
   if config.model.dtype not in DTYPES:
     raise ConfigError(f"model.dtype {config.model.dtype!r} unknown; use one of {DTYPES}")
   if config.optimizer.name not in OPTIMIZERS:
@@ -150,7 +264,13 @@ def validate(config, num_devices=None):
     augment.resolve(config.aug)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.aug: {e}") from e
-  return stages(config)
+  out = stages(config)
+  if all(s["trainable"] != "all" for s in out) and not config.model.get("pretrained"):
+    raise ConfigError("no stage trains the backbone (stages.trainable has no 'all') and "
+                      "model.pretrained is not set, so the backbone would stay random; pass "
+                      "--config.model.pretrained=FILE (docs/pretrained.md) or train it in a "
+                      "stage ('all')")
+  return out
 
 
 def resolve_config(config, num_train, stats, num_devices):

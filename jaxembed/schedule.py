@@ -8,6 +8,7 @@ cosine decay within each stage. ``configs/common.py`` holds the fields.
 """
 
 import dataclasses
+from typing import Optional
 
 import jax
 import optax
@@ -19,7 +20,7 @@ from jaxembed import configlib
 class Stage:
   """One stage of the schedule, with its place in the global step count."""
   index: int            # 0-based
-  epochs: int
+  epochs: int           # passes over the data (with stages.steps: the passes its steps span)
   lr_scale: float
   warmup_epochs: int
   head_dim: int
@@ -27,6 +28,8 @@ class Stage:
   trainable: str
   first_step: int       # global step at which the stage starts
   num_steps: int
+  warmup_steps: Optional[int] = None  # stages.warmup_steps; None: warmup_epochs
+  in_steps: bool = False  # the length came from stages.steps, not from epochs
 
   @property
   def last_step(self):
@@ -34,10 +37,24 @@ class Stage:
 
 
 def build_stages(stage_dicts, steps_per_epoch):
+  """The stages of ``configlib.stages`` placed on the global step count.
+
+  A stage lasts ``steps`` steps (with warm-up ``warmup_steps``, or
+  ``warmup_epochs`` epochs when that is None) where ``stages.steps`` sets it,
+  so that its length does not grow with the data (the CPU variants); else
+  ``epochs * steps_per_epoch`` steps with ``warmup_epochs`` epochs of warm-up
+  (the reference's epochs).
+  """
   out, start = [], 0
   for i, s in enumerate(stage_dicts):
-    n = s["epochs"] * steps_per_epoch
-    out.append(Stage(index=i, first_step=start, num_steps=n, **s))
+    s = dict(s)
+    steps = s.pop("steps", None)
+    if steps is None:
+      n = s["epochs"] * steps_per_epoch
+    else:
+      n = steps
+      s["epochs"] = -(-n // steps_per_epoch)
+    out.append(Stage(index=i, first_step=start, num_steps=n, in_steps=steps is not None, **s))
     start += n
   return out
 
@@ -57,7 +74,10 @@ def learning_rate(config, stage, steps_per_epoch):
   """Warm-up then cosine decay within the stage; peak base_lr * B / 256 * lr_scale (reference)."""
   peak = config.optimizer.base_lr * config.batch_size / 256 * stage.lr_scale
   total = max(stage.num_steps, 1)
-  warmup = min(stage.warmup_epochs * steps_per_epoch, total - 1)
+  warmup = stage.warmup_steps
+  if warmup is None:
+    warmup = stage.warmup_epochs * steps_per_epoch
+  warmup = min(warmup, total - 1)
   if warmup <= 0:
     return optax.cosine_decay_schedule(peak, total)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)

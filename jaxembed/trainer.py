@@ -63,6 +63,7 @@ class _Run:
   stop: Any = None             # jaxembed.preempt.StopRequest
   guard: Any = None            # jaxembed.workdir.FirstStepGuard
   record: Any = None           # what config.json keeps beside the config (new_run_record)
+  estimate: Any = None         # _DurationEstimate of the main process
 
   @property
   def total_steps(self):
@@ -181,6 +182,11 @@ def _train_and_evaluate(config, workdir, cleanup):
   stage_metrics = workdir_lib.read_stage_metrics(workdir)
   last_evaluation = None
   stop.defer(int(state["step"]))
+  if main:
+    print(_stage_plan(stages, config.batch_size, ds.num_train, spe, int(state["step"])),
+          flush=True)
+  run.estimate = _DurationEstimate(int(state["step"]), run.total_steps, config.batch_size,
+                                   stages) if main else None
   for s in stages[stage.index:]:
     if s.index > stage.index:
       variables = train_state.variables_for_stage(config, s, setup.model, state, ds, mesh,
@@ -189,8 +195,10 @@ def _train_and_evaluate(config, workdir, cleanup):
                                       streaming=streaming)
       state = setup.state
     if main:
-      print(f"Stage {s.index + 1}/{len(stages)}: {s.epochs} epochs ({s.num_steps} steps"
-            f" of {config.batch_size}), head_dim {s.head_dim}, trains {s.trainable}, "
+      length = (f"{s.num_steps} steps of {config.batch_size} ({s.epochs} epochs)" if s.in_steps
+                else f"{s.epochs} epochs ({s.num_steps} steps of {config.batch_size})")
+      print(f"Stage {s.index + 1}/{len(stages)}: {length}, head_dim {s.head_dim}, "
+            f"trains {s.trainable}, "
             f"peak lr {config.optimizer.base_lr * config.batch_size / 256 * s.lr_scale:.3g}",
             flush=True)
     state = _train_stage(run, s, setup.model, setup.step, state)
@@ -260,6 +268,8 @@ def _train_stage(run, stage, model, train_step, state):
       state, step_metrics = train_step(state, next(batches), run.step_key)
     step += 1
     _started(run, state)
+    if run.estimate is not None:
+      run.estimate.after_step(step, state)
     at_end = step == stage.last_step
     if step % config.logging.every_steps == 0 or at_end:
       checkpoint.poll(run.manager)  # a background save that failed stops the run here
@@ -321,6 +331,58 @@ class _Progress:
     seconds_per_step = (now - self.time) / steps
     self.restart(step)
     return ips, seconds_per_step
+
+
+def _stage_plan(stages, batch_size, num_train, steps_per_epoch, step):
+  """One line: the stages' lengths in steps and epochs, and where this invocation starts."""
+  total = stages[-1].last_step
+  parts = " + ".join(f"{s.num_steps:,}" for s in stages)
+  epochs = total / max(steps_per_epoch, 1)
+  line = (f"Stage plan: {len(stages)} stages, {total:,} steps of {batch_size} images ({parts}), "
+          f"{epochs:,.1f} epochs of the {num_train:,} training images")
+  if step:
+    line += f"; resuming at step {step:,}"
+  return line + "; the expected duration follows the first timed steps."
+
+
+class _DurationEstimate:
+  """Prints, once, the expected training time from the first steps timed after compilation.
+
+  The window starts after the first step of this invocation or of a stage
+  (the step that compiled) and lasts ``steps`` steps, or ends with its stage
+  when at least 3 steps were timed (else the next stage's steps are timed);
+  the device is synchronised at its two ends only, which changes no number.
+  The estimate is for the training steps left at the measured rate: stages
+  that train only the projector run faster, evaluations add to it.
+  """
+
+  def __init__(self, step, total_steps, batch_size, stages, steps=10):
+    self.start_step, self.total, self.batch = step, total_steps, batch_size
+    self.stages, self.window = stages, steps
+    self.t0 = self.s0 = None
+    self.done = False
+
+  def after_step(self, step, state):
+    if self.done:
+      return
+    stage = schedule.stage_of_step(self.stages, step)
+    if step in (self.start_step + 1, stage.first_step + 1):  # the step that compiled
+      jax.block_until_ready(state["step"])
+      self.t0, self.s0 = time.time(), step
+      return
+    timed = step - self.s0 if self.t0 is not None else 0
+    if timed < self.window and not (step == stage.last_step and timed >= 3):
+      return
+    jax.block_until_ready(state["step"])
+    seconds_per_step = (time.time() - self.t0) / timed
+    left = self.total - step
+    faster = any(s.trainable != stage.trainable for s in self.stages if s.last_step > step)
+    print(f"Expected duration: about {_fmt_time(left * seconds_per_step)} for the {left:,} steps "
+          f"left at {self.batch / seconds_per_step:,.0f} images/s ({seconds_per_step:.3g} s per "
+          f"step, measured on steps {self.s0 + 1}-{step} after compilation"
+          + ("; stages that train less than everything run faster" if faster else "")
+          + "; evaluations add to it)", flush=True)
+    self.done = True
 
 
 def _log_progress(run, stage, step, step_metrics, progress):

@@ -25,6 +25,36 @@ NATURAL_IMAGE_SIZE: Dict[str, int] = {
 }
 
 
+# The family of each backbone. model.stage_sizes and model.widths mean different things in
+# each (a ResNet's residual stages, any number of them; an EfficientNet's 7 MBConv stages), so
+# values written for one family do not carry over to the other (configlib.resolve_backbone).
+# model.stem ("cifar" | "imagenet") and model.width_multiplier mean the same in both.
+FAMILIES: Dict[str, str] = {
+    **{name: "resnet" for name in ("resnet18", "resnet34", "resnet50", "resnet_tiny")},
+    **{name: "efficientnet" for name in efficientnet.COMPOUND_SCALING},
+}
+FAMILY_OPTIONS = ("stage_sizes", "widths")
+# Stages a family's stage_sizes and widths must have (None: any number).
+FAMILY_STAGE_COUNT: Dict[str, Any] = {"resnet": None, "efficientnet": len(efficientnet.B0_STAGES)}
+# Backbones whose stage_sizes and widths are meant to be set (the others are published nets).
+CONFIGURABLE = ("resnet_tiny",)
+
+
+def own_options(name: str) -> Dict[str, tuple]:
+  """``{"stage_sizes", "widths"}`` of backbone ``name`` as published (without overrides)."""
+  module = create_backbone(name)
+  if isinstance(module, resnet.ResNet):
+    return {"stage_sizes": tuple(module.stage_sizes), "widths": tuple(module.widths)}
+  return {"stage_sizes": tuple(s.num_blocks for s in module.stages),
+          "widths": tuple(s.out_channels for s in module.stages)}
+
+
+def option_fits(name: str, option: str, value) -> bool:
+  """Whether ``value`` of ``model.<option>`` (one of FAMILY_OPTIONS) can shape backbone ``name``."""
+  count = FAMILY_STAGE_COUNT[FAMILIES[name]]
+  return count is None or len(tuple(value)) == count
+
+
 def create_backbone(name: str, **kw) -> Any:
   """Builds the backbone ``name`` (a key of ``BACKBONES``).
 
