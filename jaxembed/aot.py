@@ -48,8 +48,16 @@ def prepare_environment():
   on a machine without TPU chips libtpu is told the host layout so that it
   does not look for TPU workers (it prints warnings otherwise); compile-only
   use touches no chip, so several processes may load libtpu at once.
+
+  This module imports JAX, whose config has read ``JAX_PLATFORMS`` by then,
+  so the platforms are also set in the config (unless already chosen there).
+  Without that JAX would try every backend: the CUDA plugin, found installed,
+  then stops on a machine without the CUDA runtime ("Unable to load CUDA"),
+  though compiling for a GPU needs none.
   """
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if not jax.config.jax_platforms:
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
   if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -148,7 +148,7 @@ def compile_step(kind, config, stage_dicts, tgt, mesh, num_images, image_shape):
   return row
 
 
-def find_max_batch(config_in, tgt, mesh, num_images, image_shape, first):
+def find_max_batch(config_in, tgt, mesh, num_images, image_shape, first, on_row=None):
   """Largest global batch whose stage-1 step fits, and the compiles that show it.
 
   Memory grows about linearly with the per-chip batch, so the stage-1 rows at
@@ -157,7 +157,8 @@ def find_max_batch(config_in, tgt, mesh, num_images, image_shape, first):
   search then grows the batch and bisects between the largest batch that fit
   and the smallest that did not (a TPU compile that does not fit fails in
   seconds). Batches are multiples of 8 per chip; with device-resident data the
-  batch is at most the dataset (the trainer clamps it).
+  batch is at most the dataset (the trainer clamps it). ``on_row(rows)`` is
+  called after each compile.
   """
   n = tgt.chips
   quantum = 8 * n
@@ -169,6 +170,8 @@ def find_max_batch(config_in, tgt, mesh, num_images, image_shape, first):
     row = compile_step("stage1", config, stage_dicts, tgt, mesh, num_images, image_shape)
     row["search"] = True
     rows.append(row)
+    if on_row:
+      on_row(rows)
     print(json.dumps({k: row.get(k) for k in ("global_batch", "compiled", "fits",
                                               "peak_bytes_per_chip", "compile_s")}), flush=True)
     return bool(row.get("fits"))
@@ -226,13 +229,18 @@ def find_max_batch(config_in, tgt, mesh, num_images, image_shape, first):
   return rows, summary
 
 
-def write(rows):
+def read_old():
+  """The rows already in --out that --append keeps."""
+  if _OUT.value and _APPEND.value and os.path.isfile(_OUT.value):
+    with open(_OUT.value) as f:
+      return json.load(f)
+  return []
+
+
+def write(old, rows):
+  """--out: the rows kept and these (after every compile, so an interrupted run keeps its rows)."""
   if not _OUT.value:
     return
-  old = []
-  if _APPEND.value and os.path.isfile(_OUT.value):
-    with open(_OUT.value) as f:
-      old = json.load(f)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   tmp = _OUT.value + ".tmp"
   with open(tmp, "w") as f:
@@ -262,18 +270,20 @@ def run():
   print(f"# {tgt.name}: {tgt.chips} x {tgt.devices[0].device_kind} on {tgt.hosts} host(s); "
         f"batch {config.batch_size}; {num_images} images of {image_shape}; jax "
         f"{jax.__version__}; set-up {time.perf_counter() - t0:.1f} s", flush=True)
-  rows = []
+  old, rows = read_old(), []
   for kind in _STEPS.value:
     row = compile_step(kind, config, stage_dicts, tgt, mesh, num_images, image_shape)
     rows.append(row)
+    write(old, rows)
     print(json.dumps({k: v for k, v in row.items() if k not in ("loss_gather",)}), flush=True)
   if _MAX_BATCH.value:
     first = next((r for r in rows if r["step"] == "stage1"), None) or compile_step(
         "stage1", config, stage_dicts, tgt, mesh, num_images, image_shape)
-    extra, summary = find_max_batch(config_in, tgt, mesh, num_images, image_shape, first)
+    extra, summary = find_max_batch(config_in, tgt, mesh, num_images, image_shape, first,
+                                    lambda extra: write(old, rows + extra))
     rows += extra + [summary]
     print(json.dumps(summary), flush=True)
-  write(rows)
+  write(old, rows)
 
 
 def main(argv):

@@ -31,23 +31,44 @@ def fmt_s(seconds):
 def programs(rows):
   print("| target | chips / hosts | model, px | step | global batch (per chip) | compile s (CPU s) "
         "| peak GiB / HBM GiB per chip | GFLOP / GB per chip per step | roofline step "
-        "(+ collectives) | est. epoch CIFAR-10 / ImageNet-1k | loss gather per chip |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        "(+ collectives) | est. epoch CIFAR-10 / ImageNet-1k | loss all-gathers, result per chip "
+        "| BatchNorm all-reduces fwd / bwd, sent per chip |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     if "max_global_batch" in r or r.get("search") or not r.get("compiled"):
       continue
     rl = r.get("roofline", {})
-    gather = [g for g in r.get("loss_gather", []) if g["kind"] == "all-gather"]
-    gathered = (f"{len(gather)} all-gather, {sum(g['result_bytes'] for g in gather) / 2**20:.2f} "
-                "MiB" if gather else "-")
-    epochs = r.get("est_epoch_s", {})
     print(f"| {r['topology']} | {r['chips']} / {r['hosts']} | {r['model']}, {r['image_size']} "
           f"| {r['step']} | {r['global_batch']:,} ({r['per_chip_batch']:,}) "
           f"| {r['compile_s']:.0f} ({r['compile_cpu_s']:.0f}) "
           f"| {r['peak_bytes_per_chip'] / GIB:.2f} / {r['hbm_bytes_per_chip'] / GIB:.1f} "
           f"| {r['flops_per_step'] / 1e9:,.0f} / {r['bytes_accessed'] / 1e9:.1f} "
           f"| {fmt_s(rl.get('step_s'))} ({fmt_s(rl.get('with_collectives_s'))}) "
-          f"| {fmt_s(epochs.get('50000'))} / {fmt_s(epochs.get('1281167'))} | {gathered} |")
+          f"| {fmt_s(r.get('est_epoch_s', {}).get('50000'))} / "
+          f"{fmt_s(r.get('est_epoch_s', {}).get('1281167'))} | {gathered(r)} | {batchnorm(r)} |")
+
+
+def gathered(row):
+  """The loss's all-gathers of the global batch: count, and MiB each chip ends with."""
+  gather = [g for g in row.get("loss_gather", []) if g["kind"] == "all-gather"]
+  if gather:
+    return f"{len(gather)}, {sum(g['result_bytes'] for g in gather) / 2**20:.2f} MiB"
+  # Rows read back from a log lack the op list; the roles hold the bytes each chip sends.
+  role = row.get("collective_roles", {}).get("loss: projections of the global batch gathered")
+  if role and "loss_gather" not in row:
+    return f"{role['count']}, {role['operand_bytes'] * row['chips'] / 2**20:.2f} MiB"
+  return "-"
+
+
+def batchnorm(row):
+  """BatchNorm's all-reduces (forward / backward) and the KiB each chip sends in them."""
+  roles = row.get("collective_roles", {})
+  fwd, bwd = (roles.get(f"batchnorm {k}", {"count": 0, "operand_bytes": 0})
+              for k in ("forward", "backward"))
+  if not fwd["count"] + bwd["count"]:
+    return "-"
+  return (f"{fwd['count']} / {bwd['count']}, "
+          f"{(fwd['operand_bytes'] + bwd['operand_bytes']) / 1024:.0f} KiB")
 
 
 def largest(rows):

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jaxembed.configs import digits
@@ -31,7 +32,7 @@ DOT_ON_4D = re.compile(r"stablehlo\.dot_general[^\n]*tensor<\d+x\d+x\d+x\d+x")
 def v5e_2x2():
   # libtpu reads these when it loads (the first target); the other tests'
   # subprocesses must not inherit them.
-  saved = dict(os.environ)
+  saved, platforms = dict(os.environ), jax.config.jax_platforms
   aot.prepare_environment()
   try:
     tgt = aot.target("v5e:2x2")
@@ -39,7 +40,21 @@ def v5e_2x2():
   finally:
     os.environ.clear()
     os.environ.update(saved)
+    jax.config.update("jax_platforms", platforms)
   return tgt, parallel.make_mesh(devices=tgt.devices)
+
+
+def test_prepare_environment_keeps_jax_on_the_cpu_though_jax_is_imported_first():
+  # jaxembed.aot imports JAX before prepare_environment runs, so JAX_PLATFORMS
+  # alone would come too late; without a platform JAX tries every backend
+  # (and the CUDA plugin stops where the CUDA runtime is missing).
+  code = ("import jax; from jaxembed import aot; aot.prepare_environment(); "
+          "print(jax.config.jax_platforms, jax.default_backend())")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                     env=dict(env, PYTHONPATH=REPO), timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ["cpu", "cpu"]
 
 
 def smoke(num_devices):
